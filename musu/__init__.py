@@ -1,0 +1,12 @@
+"""MuSu: Mutual Supervision for dense object detection, as a Detectron2 extension.
+
+``import musu`` registers the ``MuSu`` META_ARCH, the ``build_musu_resnet_fpn_backbone``
+backbone and the built-in datasets; ``musu.add_musu_config(cfg)`` adds ``cfg.MODEL.MUSU``.
+"""
+
+# modeling first: musu.config reads the assigner's constants, and the meta-arch reads the config.
+from . import modeling  # noqa: F401  (registers META_ARCH "MuSu" and the backbone)
+from .config import add_musu_config, validate_musu_config
+
+__version__ = "0.1.0"
+__all__ = ["add_musu_config", "validate_musu_config", "modeling", "__version__"]

@@ -1,0 +1,26 @@
+"""Datasets of musu. Importing this package registers them in Detectron2's catalogs (no I/O).
+
+Built-in names: ``musu_synthetic_train``, ``musu_synthetic_val`` (generated on first use under
+``$MUSU_CACHE_DIR``, default ``~/.cache/musu``) and ``bccd_train``, ``bccd_val`` (real data under
+``$MUSU_DATASETS``). Use :func:`register_coco_dataset` for your own COCO-format data.
+"""
+
+from . import synthetic
+from .datasets import (
+    BCCD_CLASSES,
+    BUILTIN_DATASETS,
+    datasets_root,
+    ensure_dataset,
+    register_builtin_datasets,
+    register_coco_dataset,
+)
+
+__all__ = [
+    "BCCD_CLASSES",
+    "BUILTIN_DATASETS",
+    "datasets_root",
+    "ensure_dataset",
+    "register_builtin_datasets",
+    "register_coco_dataset",
+    "synthetic",
+]

@@ -1,0 +1,309 @@
+"""The MuSu candidate-bag / ranking assigner (paper Procedure 1, Eqs. 1-6), vectorized.
+
+Naming convention for shapes: N images, M objects (padded to M_max per batch), R anchor slots
+(all levels, A slots per location), C classes, P (image, object, anchor) pairs whose anchor point
+lies inside the object's box.
+
+Everything here is computed under ``torch.no_grad`` from detached inputs, batched over images,
+with no Python loop over images, objects, anchors or candidate bags. After one boolean
+point-in-box test of size (N, M_max, R), all work is done on the P inside-pairs only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Assignment", "MuSuAssigner", "CRITERIA", "assignment_stats", "pad_ground_truth"]
+
+CRITERIA = ("mutual", "cls", "iou")
+
+
+@dataclass
+class Assignment:
+    """Per-anchor supervision decided by an assigner, separately for the two heads.
+
+    Attributes:
+        gt_index: (N, R) long, the object (index into that image's ground truth) whose candidate
+            bag the anchor is in, else -1.
+        cls_weight: (N, R) float in [0, 1], classification weight; 0 where gt_index == -1.
+        reg_weight: (N, R) float in [0, 1], regression weight; 0 where gt_index == -1.
+        bag_size: (N, M_max) long, |C_j| per object (0 for padding and objects with empty bags).
+        tau_cls: (N, M_max) float, classification temperature per object (0 where bag_size == 0).
+    """
+
+    gt_index: Tensor
+    cls_weight: Tensor
+    reg_weight: Tensor
+    bag_size: Tensor
+    tau_cls: Tensor
+
+
+def _check_range(name: str, value: float, low: float, high: float, closed: bool) -> None:
+    ok = low <= value <= high if closed else low < value < high
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
+        interval = f"[{low}, {high}]" if closed else f"({low}, {high})"
+        raise ValueError(f"MuSuAssigner: {name} must lie in {interval}, got {value!r}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"MuSuAssigner: {name} must be a finite number > 0, got {value!r}")
+
+
+def pad_ground_truth(
+    gt_boxes: Sequence[Tensor],
+    gt_classes: Sequence[Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Zero-padded (N, M_max, 4) boxes, (N, M_max) classes and (N, M_max) validity mask."""
+    num_images = len(gt_boxes)
+    counts = [len(b) for b in gt_boxes]
+    max_objects = max(counts, default=0)
+    boxes = torch.zeros(num_images, max_objects, 4, dtype=dtype, device=device)
+    classes = torch.zeros(num_images, max_objects, dtype=torch.long, device=device)
+    valid = torch.zeros(num_images, max_objects, dtype=torch.bool, device=device)
+    for n, (b, c) in enumerate(zip(gt_boxes, gt_classes)):  # padding only: O(N) copies
+        boxes[n, : len(b)] = b.to(device=device, dtype=dtype)
+        classes[n, : len(c)] = c.to(device=device, dtype=torch.long)
+        valid[n, : len(b)] = True
+    return boxes, classes, valid
+
+
+def _pair_iou(pred: Tensor, gt: Tensor) -> Tensor:
+    """IoU of matching rows of two (P, 4) XYXY float64 tensors: inter / union."""
+    inter_w = (torch.minimum(pred[:, 2], gt[:, 2]) - torch.maximum(pred[:, 0], gt[:, 0])).clamp(0)
+    inter_h = (torch.minimum(pred[:, 3], gt[:, 3]) - torch.maximum(pred[:, 1], gt[:, 1])).clamp(0)
+    inter = inter_w * inter_h
+    area_pred = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
+    area_gt = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
+    union = area_pred + area_gt - inter
+    return inter / union.clamp(min=torch.finfo(torch.float64).tiny)
+
+
+def _rank_within_groups(group: Tensor, value: Tensor) -> Tensor:
+    """Rank (0-based) of each element inside its group, by descending value.
+
+    Ties keep the input order: callers pass elements sorted by anchor index within a group.
+    Args:
+        group: (K,) long group id per element.
+        value: (K,) float32 value per element.
+    Returns:
+        (K,) long rank.
+    """
+    order = torch.sort(value, descending=True, stable=True).indices
+    order = order[torch.sort(group[order], stable=True).indices]  # by group, then value desc
+    sorted_group = group[order]
+    position = torch.arange(len(order), device=group.device)
+    is_start = torch.ones_like(sorted_group, dtype=torch.bool)
+    is_start[1:] = sorted_group[1:] != sorted_group[:-1]
+    group_start = torch.cummax(torch.where(is_start, position, 0), dim=0).values
+    rank = torch.empty_like(position)
+    rank[order] = position - group_start
+    return rank
+
+
+class MuSuAssigner:
+    """Mutual Supervision assignment: cls samples ranked by IoU, reg samples by score.
+
+    Guarantees (paper Procedure 1): each anchor belongs to at most one candidate bag; every
+    non-empty bag has one member of rank 0 (weight 1 in soft mode); anchors outside every bag get
+    gt_index -1 and zero weights. IoU, q, P and v are computed in float64 and rounded to float32;
+    all comparisons act on the float32 values and ties go to the lower object / anchor index.
+    """
+
+    def __init__(
+        self,
+        theta: float = 4.0,
+        bag_threshold: float = 0.1,
+        alpha: float = 1 / 3,
+        tau_ratio: float = 2.0,
+        temperature: Optional[float] = None,
+        soft: bool = True,
+        criterion: str = "mutual",
+    ) -> None:
+        _check_positive("theta", theta)
+        _check_range("bag_threshold", bag_threshold, 0.0, 1.0, closed=False)
+        _check_range("alpha", alpha, 0.0, 1.0, closed=True)
+        _check_positive("tau_ratio", tau_ratio)
+        if temperature is not None:
+            _check_positive("temperature", temperature)
+        if criterion not in CRITERIA:
+            raise ValueError(f"MuSuAssigner: criterion must be one of {CRITERIA}, got {criterion!r}")
+        self.theta = float(theta)
+        self.bag_threshold = float(bag_threshold)
+        self.alpha = float(alpha)
+        self.tau_ratio = float(tau_ratio)
+        self.temperature = None if temperature is None else float(temperature)
+        self.soft = bool(soft)
+        self.criterion = criterion
+
+    def __repr__(self) -> str:
+        return (
+            f"MuSuAssigner(theta={self.theta}, bag_threshold={self.bag_threshold}, "
+            f"alpha={self.alpha}, tau_ratio={self.tau_ratio}, temperature={self.temperature}, "
+            f"soft={self.soft}, criterion={self.criterion!r})"
+        )
+
+    @staticmethod
+    def _check_inputs(
+        points: Tensor,
+        scores: Tensor,
+        pred_boxes: Tensor,
+        gt_boxes: Sequence[Tensor],
+        gt_classes: Sequence[Tensor],
+    ) -> None:
+        if points.dim() != 2 or points.shape[1] != 2:
+            raise ValueError(f"points must have shape (R, 2), got {tuple(points.shape)}")
+        num_anchors = points.shape[0]
+        if scores.dim() != 3 or scores.shape[1] != num_anchors:
+            raise ValueError(f"scores must have shape (N, R={num_anchors}, C), got {tuple(scores.shape)}")
+        num_images, _, num_classes = scores.shape
+        if pred_boxes.shape != (num_images, num_anchors, 4):
+            raise ValueError(
+                f"pred_boxes must have shape (N={num_images}, R={num_anchors}, 4), "
+                f"got {tuple(pred_boxes.shape)}"
+            )
+        if len(gt_boxes) != num_images or len(gt_classes) != num_images:
+            raise ValueError(
+                f"gt_boxes and gt_classes must hold one tensor per image ({num_images}), "
+                f"got {len(gt_boxes)} and {len(gt_classes)}"
+            )
+        for n, (boxes, classes) in enumerate(zip(gt_boxes, gt_classes)):
+            if boxes.dim() != 2 or boxes.shape[1] != 4 or classes.shape != (boxes.shape[0],):
+                raise ValueError(
+                    f"image {n}: gt_boxes must be (M, 4) and gt_classes (M,), "
+                    f"got {tuple(boxes.shape)} and {tuple(classes.shape)}"
+                )
+            if len(classes) and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
+                raise ValueError(
+                    f"image {n}: gt_classes must lie in [0, {num_classes}), "
+                    f"got values in [{int(classes.min())}, {int(classes.max())}]"
+                )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        points: Tensor,
+        scores: Tensor,
+        pred_boxes: Tensor,
+        gt_boxes: Sequence[Tensor],
+        gt_classes: Sequence[Tensor],
+    ) -> Assignment:
+        """Assign anchors to objects and weight them for each head.
+
+        Args:
+            points: (R, 2) anchor point (x, y) of every anchor slot.
+            scores: (N, R, C) class probabilities in [0, 1].
+            pred_boxes: (N, R, 4) predicted boxes, XYXY, image pixels.
+            gt_boxes: N tensors (M_n, 4), XYXY.
+            gt_classes: N long tensors (M_n,).
+        Returns:
+            The :class:`Assignment` of the batch.
+        """
+        self._check_inputs(points, scores, pred_boxes, gt_boxes, gt_classes)
+        device = scores.device
+        num_images, num_anchors, _ = scores.shape
+        boxes, classes, valid = pad_ground_truth(gt_boxes, gt_classes, torch.float64, device)
+        max_objects = boxes.shape[1]
+
+        gt_index = torch.full((num_images, num_anchors), -1, dtype=torch.long, device=device)
+        cls_weight = torch.zeros(num_images, num_anchors, dtype=torch.float32, device=device)
+        reg_weight = torch.zeros_like(cls_weight)
+        bag_size = torch.zeros(num_images, max_objects, dtype=torch.long, device=device)
+        tau_cls = torch.zeros(num_images, max_objects, dtype=torch.float32, device=device)
+        result = Assignment(gt_index, cls_weight, reg_weight, bag_size, tau_cls)
+        if max_objects == 0 or num_anchors == 0:
+            return result
+
+        # 1. Point-in-box test, the only dense (N, M_max, R) step, then inside-pairs only.
+        px = points[:, 0].to(torch.float64)  # (R,)
+        py = points[:, 1].to(torch.float64)
+        x1, y1, x2, y2 = (boxes[..., k, None] for k in range(4))  # each (N, M_max, 1)
+        inside = (px > x1) & (py > y1) & (px < x2) & (py < y2) & valid[..., None]  # (N, M_max, R)
+        pair_img, pair_obj, pair_anchor = inside.nonzero(as_tuple=True)  # (P,), sorted n, m, r
+        del inside
+        if len(pair_img) == 0:
+            return result
+
+        # 2. A_j: each anchor keeps the containing object of highest IoU (ties: lowest index).
+        iou = _pair_iou(
+            pred_boxes[pair_img, pair_anchor].to(torch.float64), boxes[pair_img, pair_obj]
+        ).to(torch.float32)  # (P,)
+        anchor_key = pair_img * num_anchors + pair_anchor  # (P,) one id per (image, anchor)
+        flat_size = num_images * num_anchors
+        best_iou = torch.full((flat_size,), -1.0, device=device)
+        best_iou.scatter_reduce_(0, anchor_key, iou, reduce="amax")
+        is_best = iou == best_iou[anchor_key]
+        first_obj = torch.full((flat_size,), max_objects, dtype=torch.long, device=device)
+        first_obj.scatter_reduce_(0, anchor_key[is_best], pair_obj[is_best], reduce="amin")
+        keep = is_best & (pair_obj == first_obj[anchor_key])
+        img, obj, anchor, iou = pair_img[keep], pair_obj[keep], pair_anchor[keep], iou[keep]
+        # (K,) members of all A_j, in (image, object, anchor) order as produced by nonzero().
+
+        # 3. Joint likelihood P = p * IoU**theta (Eq. 1) and the candidate bag C_j (Eq. 2).
+        p64 = scores[img, anchor, classes[img, obj]].to(torch.float64)  # (K,)
+        q64 = iou.to(torch.float64).pow(self.theta)
+        joint = (p64 * q64).to(torch.float32)
+        object_key = img * max_objects + obj  # (K,)
+        max_joint = torch.zeros(num_images * max_objects, device=device)
+        max_joint.scatter_reduce_(0, object_key, joint, reduce="amax")
+        bag_max = max_joint[object_key].to(torch.float64)
+        in_bag = (joint.to(torch.float64) > self.bag_threshold * bag_max) | (bag_max == 0)
+        img, obj, anchor, object_key = img[in_bag], obj[in_bag], anchor[in_bag], object_key[in_bag]
+        p64, q64 = p64[in_bag], q64[in_bag]
+
+        # 4. Criteria (Eq. 3) and ranks inside each bag (descending, ties: lower anchor index).
+        if self.criterion == "mutual":
+            v_cls = (q64 * p64.pow(self.alpha)).to(torch.float32)
+            v_reg = (p64 * q64.pow(self.alpha)).to(torch.float32)
+        else:
+            v_cls = v_reg = (p64 if self.criterion == "cls" else q64).to(torch.float32)
+        rank_cls = _rank_within_groups(object_key, v_cls).to(torch.float32)
+        rank_reg = rank_cls if v_reg is v_cls else _rank_within_groups(object_key, v_reg)
+        rank_reg = rank_reg.to(torch.float32)
+
+        # 5. Temperatures (Eq. 6) and rank-to-weight (Eq. 4).
+        counts = torch.bincount(object_key, minlength=num_images * max_objects)  # (N * M_max,)
+        if self.temperature is None:
+            tau_per_object = counts.to(torch.float32).sqrt()
+        else:
+            tau_per_object = torch.where(counts > 0, self.temperature, 0.0).to(torch.float32)
+        tau_c = tau_per_object[object_key]  # (K,)
+        tau_r = tau_c / self.tau_ratio
+        if self.soft:
+            w_cls, w_reg = torch.exp(-rank_cls / tau_c), torch.exp(-rank_reg / tau_r)
+        else:
+            w_cls, w_reg = (rank_cls < tau_c).float(), (rank_reg < tau_r).float()
+
+        gt_index[img, anchor] = obj
+        cls_weight[img, anchor] = w_cls
+        reg_weight[img, anchor] = w_reg
+        bag_size.view(-1).copy_(counts)
+        tau_cls.view(-1).copy_(tau_per_object)
+        return result
+
+
+def assignment_stats(assignment: Assignment) -> dict[str, float]:
+    """Summary scalars for logging: mean bag size, mean tau_cls, mean cls/reg weight per object.
+
+    Objects with an empty bag are excluded; all values are 0 when no object has a bag.
+    """
+    has_bag = assignment.bag_size > 0  # (N, M_max)
+    num_objects = int(has_bag.sum())
+    if num_objects == 0:
+        return {"bag_size": 0.0, "tau_cls": 0.0, "cls_weight_per_object": 0.0,
+                "reg_weight_per_object": 0.0, "objects_with_bag": 0.0}
+    return {
+        "bag_size": float(assignment.bag_size[has_bag].float().mean()),
+        "tau_cls": float(assignment.tau_cls[has_bag].mean()),
+        "cls_weight_per_object": float(assignment.cls_weight.sum()) / num_objects,
+        "reg_weight_per_object": float(assignment.reg_weight.sum()) / num_objects,
+        "objects_with_bag": float(num_objects),
+    }
+

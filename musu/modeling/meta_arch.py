@@ -1,0 +1,310 @@
+"""The MuSu meta-architecture: backbone + MuSuHead + MuSuAssigner + base losses.
+
+Shapes: N images, R anchor slots over all levels (H_l x W_l x A per level, in that order),
+C classes, M_max objects per image after padding.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec, batched_nms
+from detectron2.modeling import Backbone, build_backbone
+from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from torch import Tensor
+
+from ..config import validate_musu_config
+from .assigner import Assignment, MuSuAssigner, assignment_stats, pad_ground_truth
+from .head import MuSuHead
+from .losses import musu_classification_loss, weighted_giou_loss
+
+__all__ = ["MuSu", "anchor_points", "decode_boxes"]
+
+logger = logging.getLogger(__name__)
+
+# exp() input bound for box distances: stride * e^12 (~1.6e5 * stride) is beyond any image.
+_MAX_LOG_DISTANCE = 12.0
+
+
+def anchor_points(
+    feature_sizes: List[Tuple[int, int]], strides: List[int], num_anchors: int, device
+) -> Tuple[Tensor, Tensor]:
+    """Anchor points (R, 2) at cell centres ((j + 0.5) * s, (i + 0.5) * s), and strides (R,).
+
+    Order matches the head outputs flattened as (level, H, W, A): every location's point is
+    repeated for its A slots.
+    """
+    points, point_strides = [], []
+    for (height, width), stride in zip(feature_sizes, strides):
+        ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride
+        xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
+        level_points = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)  # (H*W, 2)
+        level_points = level_points.repeat_interleave(num_anchors, dim=0)  # (H*W*A, 2)
+        points.append(level_points)
+        point_strides.append(torch.full((len(level_points),), float(stride), device=device))
+    return torch.cat(points), torch.cat(point_strides)
+
+
+def decode_boxes(points: Tensor, strides: Tensor, log_distances: Tensor) -> Tensor:
+    """XYXY boxes (..., R, 4) from points (R, 2), strides (R,) and (..., R, 4) outputs:
+    distances (l, t, r, b) = stride * exp(output)."""
+    distances = strides[:, None] * log_distances.clamp(max=_MAX_LOG_DISTANCE).exp()
+    return torch.cat([points - distances[..., :2], points + distances[..., 2:]], dim=-1)
+
+
+def _check_in_features(backbone: Backbone, names: List[str]) -> Dict[str, ShapeSpec]:
+    shapes = backbone.output_shape()
+    missing = [f for f in names if f not in shapes]
+    if missing:
+        raise ValueError(
+            f"MODEL.MUSU.IN_FEATURES names {missing}, which the backbone "
+            f"({type(backbone).__name__}) does not output (it has {sorted(shapes)})"
+        )
+    return shapes
+
+
+def _reduce_mean_normalizer(total: Tensor) -> Tensor:
+    """Sum across processes divided by the world size, at least 1 (never divides by zero)."""
+    total = total.detach().float()
+    world_size = comm.get_world_size()
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        total = total.clone()
+        dist.all_reduce(total)
+        total = total / world_size
+    return total.clamp(min=1.0)
+
+
+@META_ARCH_REGISTRY.register()
+class MuSu(DenseDetector):
+    """One-stage detector trained by Mutual Supervision (Gao et al., ICCV 2021).
+
+    Training: the assigner sees detached merged scores and decoded boxes; classification loss is
+    Eq. 7 normalized by the sum of cls weights, regression loss is weighted GIoU normalized by the
+    sum of reg weights (both all-reduced across processes). Inference: score threshold, top-k per
+    level, class-wise NMS, at most ``max_detections_per_image`` detections.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        head: MuSuHead,
+        head_in_features: List[str],
+        assigner: MuSuAssigner,
+        num_classes: int,
+        focal_loss_alpha: float = 0.25,
+        focal_loss_gamma: float = 2.0,
+        beta: float = 4.0,
+        reg_loss_weight: float = 1.0,
+        test_score_thresh: float = 0.05,
+        test_topk_candidates: int = 1000,
+        test_nms_thresh: float = 0.6,
+        max_detections_per_image: int = 100,
+        pixel_mean: Tuple[float, ...],
+        pixel_std: Tuple[float, ...],
+    ) -> None:
+        super().__init__(
+            backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
+        shapes = _check_in_features(backbone, head_in_features)
+        self.strides = [shapes[f].stride for f in head_in_features]
+        self.num_classes = num_classes
+        self.num_anchors = head.num_anchors
+        self.assigner = assigner
+        self.focal_loss_alpha = focal_loss_alpha
+        self.focal_loss_gamma = focal_loss_gamma
+        self.beta = beta
+        self.reg_loss_weight = reg_loss_weight
+        self.test_score_thresh = test_score_thresh
+        self.test_topk_candidates = test_topk_candidates
+        self.test_nms_thresh = test_nms_thresh
+        self.max_detections_per_image = max_detections_per_image
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        validate_musu_config(cfg)
+        musu = cfg.MODEL.MUSU
+        backbone = build_backbone(cfg)
+        shapes = _check_in_features(backbone, musu.IN_FEATURES)
+        head = MuSuHead(cfg, [shapes[f] for f in musu.IN_FEATURES])
+        assigner = MuSuAssigner(
+            theta=musu.THETA,
+            bag_threshold=musu.BAG_THRESHOLD,
+            alpha=musu.ALPHA,
+            tau_ratio=musu.TAU_RATIO,
+            temperature=musu.TEMPERATURE if musu.TEMPERATURE > 0 else None,
+            soft=musu.SOFT_WEIGHTS,
+            criterion=musu.CRITERION,
+        )
+        return {
+            "backbone": backbone,
+            "head": head,
+            "head_in_features": list(musu.IN_FEATURES),
+            "assigner": assigner,
+            "num_classes": musu.NUM_CLASSES,
+            "focal_loss_alpha": musu.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": musu.FOCAL_LOSS_GAMMA,
+            "beta": musu.BETA,
+            "reg_loss_weight": musu.REG_LOSS_WEIGHT,
+            "test_score_thresh": musu.SCORE_THRESH_TEST,
+            "test_topk_candidates": musu.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": musu.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    def _flatten_predictions(
+        self, predictions: List[List[Tensor]]
+    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        """Per level (N, H*W*A, C), (N, H*W*A, 4), (N, H*W*A)."""
+        logits, box_reg, objectness = self._transpose_dense_predictions(
+            predictions, [self.num_classes, 4, 1]
+        )
+        return logits, box_reg, [x.squeeze(-1) for x in objectness]
+
+    def _points(self, features: List[Tensor]) -> Tuple[Tensor, Tensor]:
+        sizes = [(f.shape[-2], f.shape[-1]) for f in features]
+        return anchor_points(sizes, self.strides, self.num_anchors, features[0].device)
+
+    def forward_training(
+        self,
+        images: ImageList,
+        features: List[Tensor],
+        predictions: List[List[Tensor]],
+        gt_instances: List[Instances],
+    ) -> Dict[str, Tensor]:
+        logits, box_reg, objectness = self._flatten_predictions(predictions)
+        # Assignment and losses run in float32 even under mixed precision.
+        with torch.autocast(device_type=images.tensor.device.type, enabled=False):
+            cls_logits = torch.cat(logits, dim=1).float()  # (N, R, C)
+            log_distances = torch.cat(box_reg, dim=1).float()  # (N, R, 4)
+            obj_logits = torch.cat(objectness, dim=1).float()  # (N, R)
+            points, strides = self._points(features)  # (R, 2), (R,)
+            pred_boxes = decode_boxes(points, strides, log_distances)  # (N, R, 4)
+
+            gt_boxes = [x.gt_boxes.tensor.float() for x in gt_instances]
+            gt_classes = [x.gt_classes for x in gt_instances]
+            with torch.no_grad():
+                scores = cls_logits.detach().sigmoid() * obj_logits.detach().sigmoid()[..., None]
+                assignment = self.assigner(
+                    points, scores, pred_boxes.detach(), gt_boxes, gt_classes
+                )
+            self._log_assignment(assignment)
+            return self.losses(cls_logits, obj_logits, pred_boxes, gt_boxes, gt_classes, assignment)
+
+    def losses(
+        self,
+        cls_logits: Tensor,
+        obj_logits: Tensor,
+        pred_boxes: Tensor,
+        gt_boxes: List[Tensor],
+        gt_classes: List[Tensor],
+        assignment: Assignment,
+    ) -> Dict[str, Tensor]:
+        """Eq. 7 and weighted GIoU, each normalized by its summed weights (Eq. 5)."""
+        padded_boxes, padded_classes, _ = pad_ground_truth(
+            gt_boxes, gt_classes, pred_boxes.dtype, pred_boxes.device
+        )  # (N, M_max, 4), (N, M_max)
+        assigned = assignment.gt_index >= 0  # (N, R)
+        safe_index = assignment.gt_index.clamp(min=0)
+        if padded_classes.shape[1] > 0:
+            target_classes = padded_classes.gather(1, safe_index)  # (N, R)
+        else:
+            target_classes = torch.zeros_like(safe_index)
+        target_classes = torch.where(assigned, target_classes, -1)
+
+        loss_cls = musu_classification_loss(
+            cls_logits,
+            obj_logits,
+            target_classes,
+            assignment.cls_weight,
+            focal_alpha=self.focal_loss_alpha,
+            gamma=self.focal_loss_gamma,
+            beta=self.beta,
+        )
+        reg_mask = assignment.reg_weight > 0  # (N, R)
+        image_index, anchor_index = reg_mask.nonzero(as_tuple=True)
+        target_boxes = padded_boxes[image_index, assignment.gt_index[reg_mask]]  # (P, 4)
+        loss_reg = weighted_giou_loss(
+            pred_boxes[image_index, anchor_index], target_boxes, assignment.reg_weight[reg_mask]
+        )
+        cls_normalizer = _reduce_mean_normalizer(assignment.cls_weight.sum())
+        reg_normalizer = _reduce_mean_normalizer(assignment.reg_weight.sum())
+        return {
+            "loss_musu_cls": loss_cls / cls_normalizer,
+            "loss_musu_reg": self.reg_loss_weight * loss_reg / reg_normalizer,
+        }
+
+    def _log_assignment(self, assignment: Assignment) -> None:
+        try:
+            storage = get_event_storage()
+        except AssertionError:  # called outside a trainer (no EventStorage): nothing to log
+            return
+        for name, value in assignment_stats(assignment).items():
+            storage.put_scalar(f"musu/{name}", value)
+
+    def forward_inference(
+        self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
+    ) -> List[Instances]:
+        logits, box_reg, objectness = self._flatten_predictions(predictions)
+        sizes = [(f.shape[-2], f.shape[-1]) for f in features]
+        results: List[Instances] = []
+        for image_index, image_size in enumerate(images.image_sizes):
+            per_level = []
+            for level, (size, stride) in enumerate(zip(sizes, self.strides)):
+                points, strides = anchor_points([size], [stride], self.num_anchors, self.device)
+                scores = (
+                    logits[level][image_index].sigmoid()
+                    * objectness[level][image_index].sigmoid()[:, None]
+                )  # (H*W*A, C)
+                per_level.append(
+                    self._decode_level(
+                        scores, box_reg[level][image_index], points, strides, image_size
+                    )
+                )
+            candidates = Instances.cat(per_level)
+            keep = batched_nms(
+                candidates.pred_boxes.tensor,
+                candidates.scores,
+                candidates.pred_classes,
+                self.test_nms_thresh,
+            )
+            results.append(candidates[keep[: self.max_detections_per_image]])
+        return results
+
+    def _decode_level(
+        self,
+        scores: Tensor,
+        log_distances: Tensor,
+        points: Tensor,
+        strides: Tensor,
+        image_size: Tuple[int, int],
+    ) -> Instances:
+        """Threshold, keep the top-k (anchor, class) pairs of one level, decode their boxes."""
+        flat_scores = scores.reshape(-1)  # (H*W*A*C,)
+        keep = (flat_scores > self.test_score_thresh).nonzero(as_tuple=True)[0]
+        kept_scores = flat_scores[keep]
+        num_topk = min(len(keep), self.test_topk_candidates)
+        kept_scores, order = kept_scores.topk(num_topk)
+        keep = keep[order]
+        anchor_index = keep // self.num_classes
+        boxes = decode_boxes(
+            points[anchor_index], strides[anchor_index], log_distances[anchor_index].float()
+        )
+        return Instances(
+            image_size,
+            pred_boxes=Boxes(boxes),
+            scores=kept_scores,
+            pred_classes=keep % self.num_classes,
+        )

@@ -1,0 +1,54 @@
+"""Test-suite guard: every requirement must be present; a missing one stops the run loudly.
+
+Tests never skip because a dependency is absent: they fail here, naming the fix.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+_FIX = "Run `bash tools/install.sh` (or `bash tools/test.sh`, which installs and then tests)."
+
+
+def _check_requirements() -> list[str]:
+    problems = []
+    for module, hint in [
+        ("torch", "torch"),
+        ("torchvision", "torchvision (built for the installed torch)"),
+        ("detectron2", "Detectron2 (not on PyPI: set DETECTRON2_SRC to a clone)"),
+        ("detectron2._C", "Detectron2's compiled ops (rebuild Detectron2 against this torch)"),
+        ("fvcore", "fvcore"),
+        ("iopath", "iopath"),
+        ("pycocotools", "pycocotools"),
+        ("cv2", "opencv-python-headless"),
+        ("hypothesis", "hypothesis"),
+        ("musu", "musu (pip install -e .)"),
+    ]:
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # noqa: BLE001 - any import failure is a missing requirement
+            problems.append(f"  - {hint}: `import {module}` failed: {error!r}")
+    if not problems:
+        try:
+            import torch
+            import torchvision
+
+            boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0]])
+            torchvision.ops.nms(boxes, torch.tensor([1.0, 0.5]), 0.5)
+        except Exception as error:  # noqa: BLE001
+            problems.append(
+                f"  - torchvision's ops do not run with this torch ({error!r}): install a "
+                "matching pair (python3 -m pip install --force-reinstall torch torchvision)"
+            )
+    return problems
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    problems = _check_requirements()
+    if problems:
+        pytest.exit(
+            "musu's test requirements are missing:\n" + "\n".join(problems) + "\n" + _FIX,
+            returncode=3,
+        )

@@ -1,0 +1,271 @@
+"""Tests of musu.data: the synthetic generator, its cache, and the dataset registrations."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import detection_utils as d2_utils
+
+from musu.data import (
+    datasets_root,
+    ensure_dataset,
+    register_builtin_datasets,
+    register_coco_dataset,
+    synthetic,
+)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SMALL = dict(num_images=6, seed=123, image_size=128)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    """Every test gets its own cache dir, so nothing touches ~/.cache/musu."""
+    monkeypatch.setenv("MUSU_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _read(split: synthetic.SyntheticSplit) -> dict:
+    return json.loads(Path(split.json_file).read_text())
+
+
+def _image_bytes(split: synthetic.SyntheticSplit) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(split.image_root).iterdir())}
+
+
+def test_generation_is_deterministic(tmp_path):
+    a = synthetic.ensure_split("val", tmp_path / "a", **SMALL)
+    b = synthetic.ensure_split("val", tmp_path / "b", **SMALL)
+    assert Path(a.json_file).read_bytes() == Path(b.json_file).read_bytes()
+    assert _image_bytes(a) == _image_bytes(b) and len(_image_bytes(a)) == 6
+    image, objects = synthetic.render_image(123, 4, image_size=128)
+    image2, objects2 = synthetic.render_image(123, 4, image_size=128)
+    assert np.array_equal(image, image2) and objects == objects2
+    other = synthetic.ensure_split("val", tmp_path / "c", **{**SMALL, "seed": 124})
+    assert Path(other.json_file).read_bytes() != Path(a.json_file).read_bytes()
+
+
+@pytest.mark.parametrize("image_format", ["jpg", "png"])
+def test_json_is_valid_coco(tmp_path, image_format):
+    from pycocotools.coco import COCO
+
+    split = synthetic.ensure_split("val", tmp_path, **SMALL, image_format=image_format)
+    coco = COCO(split.json_file)
+    assert sorted(coco.getCatIds()) == list(range(1, len(synthetic.CLASSES) + 1))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(synthetic.CLASSES)
+    assert len(coco.getImgIds()) == 6
+    for img in coco.loadImgs(coco.getImgIds()):
+        path = Path(split.image_root) / img["file_name"]
+        assert path.suffix == "." + image_format and path.is_file()
+        pixels = d2_utils.read_image(str(path), format="BGR")
+        assert pixels.shape == (img["height"], img["width"], 3) == (128, 128, 3)
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=img["id"]))
+        assert 1 <= len(anns) <= 12
+        for ann in anns:
+            x, y, w, h = ann["bbox"]
+            assert w > 0 and h > 0 and x >= 0 and y >= 0
+            assert x + w <= img["width"] and y + h <= img["height"]
+            assert ann["iscrowd"] == 0 and 0 < ann["area"] <= w * h
+            assert ann["category_id"] in coco.getCatIds()
+    ann_ids = [a["id"] for a in coco.dataset["annotations"]]
+    assert len(set(ann_ids)) == len(ann_ids)
+
+
+def test_statistics_overlaps_sizes_aspect_ratios(tmp_path):
+    size = 256
+    split = synthetic.ensure_split("stats", tmp_path, num_images=40, seed=7, image_size=size)
+    data = _read(split)
+    boxes = {}
+    for ann in data["annotations"]:
+        boxes.setdefault(ann["image_id"], []).append(ann["bbox"])
+    counts = [len(v) for v in boxes.values()]
+    assert len(boxes) == 40 and min(counts) >= 1 and max(counts) >= 8
+    assert 3 <= np.mean(counts) <= 10
+
+    def overlap(a, b):
+        return min(a[0] + a[2], b[0] + b[2]) > max(a[0], b[0]) and min(
+            a[1] + a[3], b[1] + b[3]
+        ) > max(a[1], b[1])
+
+    with_overlap = sum(
+        any(overlap(a, b) for a, b in itertools.combinations(v, 2)) for v in boxes.values()
+    )
+    assert with_overlap >= 0.4 * len(boxes)
+
+    wh = np.array([a["bbox"][2:] for a in data["annotations"]])
+    long_side = wh.max(axis=1)
+    assert long_side.min() <= 16 and long_side.max() >= 0.4 * size
+    assert np.mean(long_side < 32) > 0.15 and np.mean(long_side > 64) > 0.15  # spread of sizes
+    ratio = wh[:, 0] / wh[:, 1]
+    assert np.mean(ratio < 0.6) > 0.05 and np.mean(ratio > 1.6) > 0.05
+    # Occlusion: an unoccluded axis-aligned rectangle fills its box; occluded ones do not.
+    rect_fill = [
+        a["area"] / (a["bbox"][2] * a["bbox"][3])
+        for a in data["annotations"]
+        if a["category_id"] == 2
+    ]
+    assert np.mean(np.array(rect_fill) == 1.0) > 0.5 and np.mean(np.array(rect_fill) < 0.95) > 0.03
+    per_class = {c: 0 for c in range(1, len(synthetic.CLASSES) + 1)}
+    for ann in data["annotations"]:
+        per_class[ann["category_id"]] += 1
+    assert min(per_class.values()) >= 0.1 * len(data["annotations"])
+
+
+def test_cache_reuse_and_regeneration(tmp_path):
+    split = synthetic.ensure_split("val", **SMALL)  # under $MUSU_CACHE_DIR
+    assert Path(split.json_file).parent == Path(os.environ["MUSU_CACHE_DIR"]) / "synthetic_v1/val"
+    json_file, first_image = Path(split.json_file), Path(split.image_root) / "000000.jpg"
+    stamp = json_file.stat().st_mtime_ns, first_image.stat().st_mtime_ns
+    original = json_file.read_bytes()
+
+    assert synthetic.ensure_split("val", **SMALL) == split
+    assert (json_file.stat().st_mtime_ns, first_image.stat().st_mtime_ns) == stamp
+
+    (Path(split.image_root) / "000003.jpg").unlink()
+    synthetic.ensure_split("val", **SMALL)
+    assert (Path(split.image_root) / "000003.jpg").is_file()
+    assert first_image.stat().st_mtime_ns != stamp[1]  # the whole split was rewritten
+
+    json_file.write_bytes(original[: len(original) // 2])
+    synthetic.ensure_split("val", **SMALL)
+    assert json_file.read_bytes() == original
+
+    with open(first_image, "r+b") as f:  # truncated image
+        f.truncate(100)
+    assert not synthetic.is_split_valid(json_file.parent, synthetic.SyntheticConfig(**SMALL), "val")
+    synthetic.ensure_split("val", **SMALL)
+    assert synthetic.is_split_valid(json_file.parent, synthetic.SyntheticConfig(**SMALL), "val")
+
+    bigger = synthetic.ensure_split("val", **{**SMALL, "num_images": 7})  # parameters changed
+    assert len(_read(bigger)["images"]) == 7
+
+
+def test_crashed_generation_leaves_no_valid_split(tmp_path, monkeypatch):
+    real_write = synthetic.write_split
+
+    def crash(out_dir, config, split=""):
+        (Path(out_dir) / "images").mkdir(parents=True)
+        (Path(out_dir) / "images" / "000000.jpg").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "write_split", crash)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.ensure_split("val", tmp_path, **SMALL)
+    version_dir = tmp_path / "synthetic_v1"
+    assert not (version_dir / "val").exists()
+    assert not list(version_dir.glob(".val.tmp-*"))
+
+    (version_dir / ".val.tmp-killed").mkdir()  # left by a process killed mid-generation
+    monkeypatch.setattr(synthetic, "write_split", real_write)
+    split = synthetic.ensure_split("val", tmp_path, **SMALL)
+    assert len(_read(split)["images"]) == 6
+    assert sorted(p.name for p in version_dir.iterdir()) == [".val.lock", "val"]
+
+
+def test_concurrent_callers_generate_once(tmp_path, monkeypatch):
+    calls = []
+    real_write = synthetic.write_split
+
+    def counting_write(*args, **kwargs):
+        calls.append(1)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "write_split", counting_write)
+    results, barrier = [], threading.Barrier(3)
+
+    def worker():
+        barrier.wait()
+        results.append(synthetic.ensure_split("val", tmp_path, **SMALL))
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and len(set(results)) == 1 and len(calls) == 1
+
+
+def test_concurrent_processes(tmp_path):
+    """Two processes generating the same split at once leave one valid split."""
+    script = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('gen', sys.argv[1])\n"
+        "mod = importlib.util.module_from_spec(spec); sys.modules['gen'] = mod\n"
+        "spec.loader.exec_module(mod)\n"
+        "mod.ensure_split('val', sys.argv[2], num_images=20, seed=5, image_size=128)\n"
+    )
+    args = [sys.executable, "-c", script, synthetic.__file__, str(tmp_path)]
+    procs = [subprocess.Popen(args) for _ in range(2)]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    config = synthetic.SyntheticConfig(num_images=20, seed=5, image_size=128)
+    assert synthetic.is_split_valid(tmp_path / "synthetic_v1" / "val", config, "val")
+    assert sorted(p.name for p in (tmp_path / "synthetic_v1").iterdir()) == [".val.lock", "val"]
+
+
+def test_detectron2_synthetic_registration():
+    register_builtin_datasets()  # re-registration is harmless
+    meta = MetadataCatalog.get("musu_synthetic_val")
+    assert meta.thing_classes == list(synthetic.CLASSES) and meta.evaluator_type == "coco"
+    # json_file is usable before the dataset is loaded (what COCOEvaluator needs).
+    assert Path(meta.json_file).is_file()
+    assert Path(meta.json_file).is_relative_to(os.environ["MUSU_CACHE_DIR"])
+
+    dicts = DatasetCatalog.get("musu_synthetic_val")
+    assert len(dicts) == synthetic.SPLITS["val"].num_images
+    for d in dicts[:5]:
+        image = d2_utils.read_image(d["file_name"], format="BGR")
+        d2_utils.check_image_size(d, image)
+        instances = d2_utils.annotations_to_instances(d["annotations"], image.shape[:2])
+        assert len(instances) == len(d["annotations"]) >= 1
+        boxes = instances.gt_boxes.tensor
+        assert (boxes[:, 2:] > boxes[:, :2]).all() and boxes.min() >= 0
+        assert boxes[:, 2:].max() <= 256
+        assert set(instances.gt_classes.tolist()) <= set(range(len(synthetic.CLASSES)))
+
+    from detectron2.evaluation import COCOEvaluator
+
+    COCOEvaluator("musu_synthetic_val", output_dir=None)  # reads meta.json_file
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "bccd").is_dir(), reason="BCCD not in ../shared/data")
+def test_bccd(monkeypatch):
+    monkeypatch.delenv("MUSU_DATASETS", raising=False)
+    assert datasets_root().resolve() == SHARED_DATA.resolve()
+    dicts = DatasetCatalog.get("bccd_val")
+    assert len(dicts) == 72 and sum(len(d["annotations"]) for d in dicts) == 945
+    assert MetadataCatalog.get("bccd_val").thing_classes == ["RBC", "WBC", "Platelets"]
+    monkeypatch.setenv("MUSU_DATASETS", str(SHARED_DATA))
+    assert ensure_dataset("bccd_train")[0].endswith("bccd/annotations/instances_train.json")
+
+
+def test_bccd_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUSU_DATASETS", str(tmp_path))
+    expected = str(tmp_path / "bccd" / "annotations" / "instances_val.json")
+    with pytest.raises(FileNotFoundError) as err:
+        DatasetCatalog.get("bccd_val")
+    assert expected in str(err.value) and "MUSU_DATASETS" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="MUSU_DATASETS"):
+        MetadataCatalog.get("bccd_val").json_file
+
+
+def test_register_coco_dataset(tmp_path):
+    split = synthetic.ensure_split("custom", tmp_path, **SMALL)
+    name = "musu_test_custom_coco"
+    register_coco_dataset(name, Path(split.json_file), Path(split.image_root))
+    try:
+        dicts = DatasetCatalog.get(name)
+        assert len(dicts) == 6 and os.path.isfile(dicts[0]["file_name"])
+        meta = MetadataCatalog.get(name)
+        assert meta.thing_classes == list(synthetic.CLASSES) and meta.evaluator_type == "coco"
+        assert ensure_dataset(name) == (split.json_file, split.image_root)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Installs musu and everything it needs into the current Python, idempotently.
+#   torch + torchvision (a matching pair; any already-installed working pair is kept)
+#   Detectron2: kept if importable; else built from $DETECTRON2_SRC (a local clone) if set;
+#               else from Detectron2's public git repository, as its INSTALL.md recommends.
+#   musu itself (editable, with the test extras).
+# When everything is present it only checks, in a few seconds.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+PIP=("$PYTHON" -m pip install --disable-pip-version-check --no-input)
+D2_GIT_URL="git+https://github.com/facebookresearch/detectron2.git"
+
+say() { printf '[install] %s\n' "$*"; }
+die() { printf '\n[install] ERROR: %s\n\n' "$*" >&2; exit 1; }
+
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || die "Python >= 3.10 is required (found $("$PYTHON" --version 2>&1)). Set PYTHON=/path/to/python3.10+."
+
+# 1. torch + torchvision that work together (torchvision's compiled ops load against this torch).
+torch_ok() {
+  "$PYTHON" - <<'PY' >/dev/null 2>&1
+import torch, torchvision
+boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0]])
+assert torchvision.ops.nms(boxes, torch.tensor([1.0, 0.5]), 0.5).tolist() == [0]
+PY
+}
+if torch_ok; then
+  say "torch + torchvision: present and working"
+else
+  say "torch + torchvision: installing a matching pair from the package index"
+  "${PIP[@]}" torch torchvision || die "pip could not install torch and torchvision.
+  Install a matching pair by hand (see https://pytorch.org), then run this script again."
+  torch_ok || die "torch and torchvision are installed but do not work together
+  (e.g. 'operator torchvision::nms does not exist': a CPU-only torch with a CUDA torchvision).
+  Fix: python3 -m pip install --force-reinstall torch torchvision   (a pair built together),
+  then rebuild Detectron2 and run this script again."
+fi
+
+# 2. Detectron2 (not on PyPI). Its compiled ops must match the installed torch.
+d2_ok() { "$PYTHON" -c 'import detectron2, detectron2._C' >/dev/null 2>&1; }
+if d2_ok; then
+  say "detectron2: present ($("$PYTHON" -c 'import detectron2, os; print(os.path.dirname(detectron2.__file__))'))"
+else
+  "${PIP[@]}" "setuptools>=64" wheel ninja >/dev/null || true
+  if [ -n "${DETECTRON2_SRC:-}" ]; then
+    [ -f "$DETECTRON2_SRC/setup.py" ] || die "DETECTRON2_SRC=$DETECTRON2_SRC is not a Detectron2 clone (no setup.py)."
+    say "detectron2: building from DETECTRON2_SRC=$DETECTRON2_SRC"
+    (cd "$DETECTRON2_SRC" && rm -rf build && find detectron2 -name '_C*.so' -delete) || true
+    "${PIP[@]}" --no-build-isolation -e "$DETECTRON2_SRC" \
+      || die "building Detectron2 from $DETECTRON2_SRC failed (see the output above)."
+  else
+    say "detectron2: building from $D2_GIT_URL"
+    "${PIP[@]}" --no-build-isolation "$D2_GIT_URL" || die "Detectron2 is not installed and could not be installed.
+  Detectron2 is not on PyPI. Either give this machine access to GitHub, or clone it elsewhere
+  and point this script at the clone:
+      git clone https://github.com/facebookresearch/detectron2.git /path/to/detectron2
+      DETECTRON2_SRC=/path/to/detectron2 bash tools/install.sh"
+  fi
+  d2_ok || die "Detectron2 installed but 'import detectron2._C' fails: it was built against another torch.
+  Rebuild it: rm -rf <clone>/build; find <clone>/detectron2 -name '_C*.so' -delete;
+  then run this script again with DETECTRON2_SRC=<clone>."
+fi
+
+# 3. musu itself, editable from this checkout, with its test tools.
+musu_ok() {  # run from / so that the checkout's own folder does not shadow the installed package
+  (cd / && "$PYTHON" - "$ROOT" <<'PY' >/dev/null 2>&1
+import os, sys
+import musu, pytest, hypothesis, pycocotools, cv2, fvcore, iopath  # noqa: F401
+assert os.path.samefile(os.path.dirname(musu.__file__), os.path.join(sys.argv[1], "musu"))
+PY
+  )
+}
+if musu_ok; then
+  say "musu: installed from $ROOT"
+else
+  say "musu: installing (editable) from $ROOT"
+  (cd "$ROOT" && "${PIP[@]}" --no-build-isolation -e ".[test]") || die "pip install -e .[test] failed."
+  musu_ok || die "musu was installed but does not import from $ROOT (see: $PYTHON -c 'import musu')."
+fi
+say "ready"
