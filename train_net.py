@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Train and evaluate MuSu (and the other detectors of this repository) with Detectron2.
 
-    python train_net.py --config-file configs/Synthetic/musu_R_18_FPN_synthetic.yaml
-    python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <path or musu://name>
-    python train_net.py --config-file <cfg> --resume          # continue from the last checkpoint
-    python train_net.py --config-file <cfg> --num-gpus 8      # multi-GPU through launch()
+python train_net.py --config-file configs/Synthetic/musu_R_18_FPN_synthetic.yaml
+python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <path or musu://name>
+python train_net.py --config-file <cfg> --resume          # continue from the last checkpoint
+python train_net.py --config-file <cfg> --num-gpus 8      # multi-GPU through launch()
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def main(args):
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    trainer.train()
+    return getattr(trainer, "_last_eval_results", None)  # set by the final evaluation, if any
 
 
 def invoke_main() -> None:

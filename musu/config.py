@@ -80,7 +80,9 @@ def _check_range(cfg: CN, key: str, low: float, high: float, closed: bool) -> No
     ok = isinstance(value, (int, float)) and math.isfinite(value)
     ok = ok and (low <= value <= high if closed else low < value < high)
     if not ok:
-        _fail(key, f"must lie in {'[' if closed else '('}{low}, {high}{']' if closed else ')'}", value)
+        _fail(
+            key, f"must lie in {'[' if closed else '('}{low}, {high}{']' if closed else ')'}", value
+        )
 
 
 def _check_positive(cfg: CN, key: str, allow_zero: bool = False) -> None:

@@ -235,8 +235,8 @@ def test_detectron2_synthetic_registration():
     COCOEvaluator("musu_synthetic_val", output_dir=None)  # reads meta.json_file
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "bccd").is_dir(), reason="BCCD not in ../shared/data")
 def test_bccd(monkeypatch):
+    assert (SHARED_DATA / "bccd").is_dir(), f"BCCD test data missing: {SHARED_DATA / 'bccd'}"
     monkeypatch.delenv("MUSU_DATASETS", raising=False)
     assert datasets_root().resolve() == SHARED_DATA.resolve()
     dicts = DatasetCatalog.get("bccd_val")

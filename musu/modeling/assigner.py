@@ -134,7 +134,9 @@ class MuSuAssigner:
         if temperature is not None:
             _check_positive("temperature", temperature)
         if criterion not in CRITERIA:
-            raise ValueError(f"MuSuAssigner: criterion must be one of {CRITERIA}, got {criterion!r}")
+            raise ValueError(
+                f"MuSuAssigner: criterion must be one of {CRITERIA}, got {criterion!r}"
+            )
         self.theta = float(theta)
         self.bag_threshold = float(bag_threshold)
         self.alpha = float(alpha)
@@ -162,7 +164,9 @@ class MuSuAssigner:
             raise ValueError(f"points must have shape (R, 2), got {tuple(points.shape)}")
         num_anchors = points.shape[0]
         if scores.dim() != 3 or scores.shape[1] != num_anchors:
-            raise ValueError(f"scores must have shape (N, R={num_anchors}, C), got {tuple(scores.shape)}")
+            raise ValueError(
+                f"scores must have shape (N, R={num_anchors}, C), got {tuple(scores.shape)}"
+            )
         num_images, _, num_classes = scores.shape
         if pred_boxes.shape != (num_images, num_anchors, 4):
             raise ValueError(
@@ -234,7 +238,9 @@ class MuSuAssigner:
         # 2. A_j: each anchor keeps the containing object of highest IoU (ties: lowest index).
         iou = _pair_iou(
             pred_boxes[pair_img, pair_anchor].to(torch.float64), boxes[pair_img, pair_obj]
-        ).to(torch.float32)  # (P,)
+        ).to(
+            torch.float32
+        )  # (P,)
         anchor_key = pair_img * num_anchors + pair_anchor  # (P,) one id per (image, anchor)
         flat_size = num_images * num_anchors
         best_iou = torch.full((flat_size,), -1.0, device=device)
@@ -297,8 +303,13 @@ def assignment_stats(assignment: Assignment) -> dict[str, float]:
     has_bag = assignment.bag_size > 0  # (N, M_max)
     num_objects = int(has_bag.sum())
     if num_objects == 0:
-        return {"bag_size": 0.0, "tau_cls": 0.0, "cls_weight_per_object": 0.0,
-                "reg_weight_per_object": 0.0, "objects_with_bag": 0.0}
+        return {
+            "bag_size": 0.0,
+            "tau_cls": 0.0,
+            "cls_weight_per_object": 0.0,
+            "reg_weight_per_object": 0.0,
+            "objects_with_bag": 0.0,
+        }
     return {
         "bag_size": float(assignment.bag_size[has_bag].float().mean()),
         "tau_cls": float(assignment.tau_cls[has_bag].mean()),
@@ -306,4 +317,3 @@ def assignment_stats(assignment: Assignment) -> dict[str, float]:
         "reg_weight_per_object": float(assignment.reg_weight.sum()) / num_objects,
         "objects_with_bag": float(num_objects),
     }
-

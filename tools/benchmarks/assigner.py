@@ -1,0 +1,330 @@
+"""Time and peak memory of the MuSu assigner next to Detectron2's FCOS label assignment.
+
+Inputs (deterministic, ``--seed``): N = 2 images of 800 x 1333 (padded to 800 x 1344), FPN
+strides 8-128, R = A x 22,400 anchor slots, C = 80 classes; M objects per image with COCO-like
+sizes (8-800 px, see ``common.random_boxes``); scores uniform in [0, 1]; predicted boxes
+``point -/+ stride * exp(noise)``, noise ~ N(0, 1) per side. Both sides get precomputed
+anchors: ``MuSuAssigner()(points, scores, pred_boxes, gt_boxes, gt_classes)`` against
+``FCOS.label_anchors(anchors, gt_instances)`` of a real ``FCOS`` (A = 1 only: FCOS has one
+anchor per location; the A = 3 rows compare MuSu on 3x the anchors against the same FCOS).
+
+Time: each row measures MuSu and FCOS interleaved (order alternating) ``--repeats`` times after
+a warm-up; it reports medians, and the time ratio as the median of the per-repeat ratios.
+Peak memory: tensor memory allocated during one call above the live inputs (outputs included):
+CUDA ``max_memory_allocated``; on CPU the CPU allocator's allocation / free events seen by
+``torch.profiler(profile_memory=True)``, summed in time order (see ``common.py``).
+``--profile`` adds a per-step / per-line breakdown of both (source traced as is, not copied).
+
+Usage (from the repository root): ``python tools/benchmarks/assigner.py [--device cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import re
+import statistics
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from common import (  # tools/benchmarks/common.py: the script's folder is on sys.path
+    MIB,
+    command_line,
+    environment_summary,
+    inspect_unwrap,
+    interleaved_timings,
+    line_profile,
+    markdown_table,
+    paired_ratio,
+    peak_memory_bytes,
+    quiet_warnings,
+    random_boxes,
+)
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import Backbone
+from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+from detectron2.structures import Boxes, Instances
+from torch import Tensor
+
+from musu.modeling.assigner import MuSuAssigner
+from musu.modeling.meta_arch import anchor_points
+
+IMAGE_SIZE = (800, 1333)  # (H, W)
+PADDED_SIZE = (800, 1344)  # padded to a multiple of 32, as ImageList does
+STRIDES = [8, 16, 32, 64, 128]
+LEVELS = ["p3", "p4", "p5", "p6", "p7"]
+NUM_CLASSES = 80
+
+
+class _ShapeOnlyBackbone(Backbone):
+    """A backbone that only declares the five FPN levels: FCOS's constructor reads their strides."""
+
+    def __init__(self, channels: int = 256) -> None:
+        super().__init__()
+        self._shapes = {n: ShapeSpec(channels=channels, stride=s) for n, s in zip(LEVELS, STRIDES)}
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        raise NotImplementedError("only output_shape() is used")
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return dict(self._shapes)
+
+
+def build_fcos(device: torch.device) -> FCOS:
+    """A real Detectron2 ``FCOS`` (80 classes, default center sampling) on a shape-only backbone."""
+    backbone = _ShapeOnlyBackbone()
+    shapes = backbone.output_shape()
+    head = FCOSHead(
+        input_shape=[shapes[n] for n in LEVELS], conv_dims=[256] * 4, num_classes=NUM_CLASSES
+    )
+    model = FCOS(
+        backbone=backbone,
+        head=head,
+        head_in_features=LEVELS,
+        num_classes=NUM_CLASSES,
+        pixel_mean=[0.0, 0.0, 0.0],
+        pixel_std=[1.0, 1.0, 1.0],
+    )
+    return model.to(device).eval()
+
+
+def feature_sizes() -> List[Tuple[int, int]]:
+    """(H_l, W_l) per level: ceil(padded size / stride)."""
+    return [(math.ceil(PADDED_SIZE[0] / s), math.ceil(PADDED_SIZE[1] / s)) for s in STRIDES]
+
+
+def ground_truth(
+    num_images: int, num_objects: int, seed: int, device: torch.device
+) -> Tuple[List[Tensor], List[Tensor]]:
+    """N boxes (M, 4) XYXY and N classes (M,), the same for every A at a given M."""
+    generator = torch.Generator().manual_seed(seed * 1000 + num_objects)
+    boxes = [random_boxes(num_objects, IMAGE_SIZE, generator) for _ in range(num_images)]
+    classes = [
+        torch.randint(NUM_CLASSES, (num_objects,), generator=generator) for _ in range(num_images)
+    ]
+    return [b.to(device) for b in boxes], [c.to(device) for c in classes]
+
+
+def musu_inputs(
+    num_images: int, num_anchors: int, seed: int, device: torch.device
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """points (R, 2), scores (N, R, C) ~ U[0, 1], pred_boxes (N, R, 4) = point -/+ s * e^noise."""
+    points, strides = anchor_points(feature_sizes(), STRIDES, num_anchors, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(seed * 1000 + 7 * num_anchors)
+    num_points = len(points)
+    scores = torch.rand(num_images, num_points, NUM_CLASSES, generator=generator)
+    noise = torch.randn(num_images, num_points, 4, generator=generator)
+    distances = strides[:, None] * noise.exp()  # (N, R, 4)
+    pred_boxes = torch.cat([points - distances[..., :2], points + distances[..., 2:]], dim=-1)
+    return points.to(device), scores.to(device), pred_boxes.to(device)
+
+
+def fcos_inputs(
+    fcos: FCOS, gt_boxes: List[Tensor], gt_classes: List[Tensor], device: torch.device
+) -> Tuple[List[Boxes], List[Instances]]:
+    """Anchors from ``fcos.anchor_generator`` on dummy (1, 1, H_l, W_l) features, and Instances."""
+    features = [torch.zeros(1, 1, h, w, device=device) for h, w in feature_sizes()]
+    anchors = fcos.anchor_generator(features)
+    instances = [
+        Instances(IMAGE_SIZE, gt_boxes=Boxes(b), gt_classes=c) for b, c in zip(gt_boxes, gt_classes)
+    ]
+    return anchors, instances
+
+
+def _sections() -> Dict[int, str]:
+    """Map each source line of ``MuSuAssigner.__call__`` to its step comment ("# 1. ...")."""
+    lines, start = inspect.getsourcelines(inspect_unwrap(MuSuAssigner.__call__))
+    current, mapping = "0. checks, padding, output allocation", {}
+    for offset, text in enumerate(lines):
+        match = re.match(r"\s*#\s*(\d\.\s*.*)", text)
+        if match:
+            current = match.group(1).strip()[:60]
+        mapping[start + offset] = current
+    return mapping
+
+
+def _source_line(fn: Callable, line: int) -> str:
+    lines, start = inspect.getsourcelines(inspect_unwrap(fn))
+    return lines[line - start].strip()[:90]
+
+
+def print_profiles(
+    run_musu: Callable[[], object], run_fcos: Callable[[], object], label: str
+) -> Dict[str, object]:
+    """Per-step breakdown of MuSu and per-line breakdown of FCOS for one size (one call each)."""
+    call = inspect_unwrap(MuSuAssigner.__call__)
+    musu = line_profile(run_musu, [call])
+    section_of = _sections()
+    by_section: Dict[str, List[float]] = {}
+    for (func, line), seconds in musu.seconds.items():
+        entry = by_section.setdefault(section_of.get(line, "?"), [0.0, 0.0])
+        entry[0] += seconds
+        entry[1] += musu.allocated.get((func, line), 0)
+    total = musu.total_seconds
+    rows = [
+        [name, f"{1e3 * s:.1f}", f"{100 * s / total:.0f}%", f"{a / MIB:.1f}"]
+        for name, (s, a) in sorted(by_section.items())
+    ]
+    peak_line = musu.peak_line[1] if musu.peak_line else None
+    print(f"\n#### MuSu assigner by step, {label} (one traced call: {1e3 * total:.1f} ms)\n")
+    print(markdown_table(["step", "ms", "share", "allocated MiB"], rows))
+    if peak_line is not None:
+        print(
+            f"\nPeak {musu.peak_bytes / MIB:.1f} MiB reached at line {peak_line} "
+            f"({section_of.get(peak_line, '?')}): `{_source_line(call, peak_line)}`"
+        )
+    top = sorted(musu.seconds.items(), key=lambda kv: -kv[1])[:8]
+    line_rows = [
+        [
+            line,
+            f"{1e3 * s:.1f}",
+            f"{musu.allocated.get((f, line), 0) / MIB:.1f}",
+            f"`{_source_line(call, line)}`",
+        ]
+        for (f, line), s in top
+    ]
+    print(f"\nMuSu slowest lines, {label}:\n")
+    print(markdown_table(["line", "ms", "allocated MiB", "source"], line_rows))
+
+    targets = [FCOS.label_anchors, FCOS._match_anchors]
+    fcos_prof = line_profile(run_fcos, targets)
+    funcs = {inspect_unwrap(t).__name__: t for t in targets}
+    top = sorted(
+        ((k, s) for k, s in fcos_prof.seconds.items() if k[0] == "_match_anchors"),
+        key=lambda kv: -kv[1],
+    )[:6]
+    line_rows = [
+        [
+            f"{f}:{line}",
+            f"{1e3 * s:.1f}",
+            f"{fcos_prof.allocated.get((f, line), 0) / MIB:.1f}",
+            f"`{_source_line(funcs[f], line)}`",
+        ]
+        for (f, line), s in top
+    ]
+    print(
+        f"\nFCOS slowest lines of _match_anchors, {label} (summed over images; one traced "
+        f"label_anchors call: {1e3 * fcos_prof.total_seconds:.1f} ms, "
+        f"peak {fcos_prof.peak_bytes / MIB:.1f} MiB):\n"
+    )
+    print(markdown_table(["line", "ms", "allocated MiB", "source"], line_rows))
+    return {
+        "musu_steps_ms": {k: 1e3 * v[0] for k, v in by_section.items()},
+        "musu_steps_allocated_mib": {k: v[1] / MIB for k, v in by_section.items()},
+        "musu_peak_line": peak_line,
+    }
+
+
+def measure(
+    assigner: MuSuAssigner,
+    fcos: FCOS,
+    num_anchors: int,
+    num_objects: int,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> Dict[str, object]:
+    """One table row: MuSu and FCOS timed interleaved on the same ground truth, then peaks."""
+    gt_boxes, gt_classes = ground_truth(args.images, num_objects, args.seed, device)
+    anchors, instances = fcos_inputs(fcos, gt_boxes, gt_classes, device)
+    points, scores, pred_boxes = musu_inputs(args.images, num_anchors, args.seed, device)
+    run_musu = partial(assigner, points, scores, pred_boxes, gt_boxes, gt_classes)
+    run_fcos = partial(fcos.label_anchors, anchors, instances)
+
+    times = interleaved_timings(
+        {"musu": run_musu, "fcos": run_fcos}, args.repeats, args.warmup, device
+    )
+    musu_peak = peak_memory_bytes(run_musu, device) / MIB
+    fcos_peak = peak_memory_bytes(run_fcos, device) / MIB
+    assigned = int((run_musu().gt_index >= 0).sum())  # (N, R) -> anchors in a candidate bag
+    positives = sum(int((labels != NUM_CLASSES).sum()) for labels in run_fcos()[0])
+    row: Dict[str, object] = {
+        "A": num_anchors,
+        "M": num_objects,
+        "R": len(points),
+        "musu_ms": 1e3 * statistics.median(times["musu"]),
+        "fcos_ms": 1e3 * statistics.median(times["fcos"]),
+        "time_ratio": paired_ratio(times["musu"], times["fcos"]),
+        "musu_peak_mib": musu_peak,
+        "fcos_peak_mib": fcos_peak,
+        "memory_ratio": musu_peak / fcos_peak,
+        "musu_times_ms": [1e3 * t for t in times["musu"]],
+        "fcos_times_ms": [1e3 * t for t in times["fcos"]],
+        "musu_assigned_per_image": assigned / args.images,
+        "fcos_positives_per_image": positives / args.images,
+    }
+    if args.profile and device.type == "cpu":
+        label = f"A={num_anchors}, M={num_objects}"
+        row["profile"] = print_profiles(run_musu, run_fcos, label)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--num-anchors", type=int, nargs="+", default=[1, 3], help="MuSu A values")
+    parser.add_argument("--objects", type=int, nargs="+", default=[10, 100, 500], help="M values")
+    parser.add_argument("--images", type=int, default=2, help="N")
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls of each, interleaved")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (0: torch default); see README"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    parser.add_argument(
+        "--profile", action="store_true", help="per-step breakdown of MuSu and FCOS (CPU only)"
+    )
+    args = parser.parse_args()
+    quiet_warnings()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+
+    assigner = MuSuAssigner()
+    fcos = build_fcos(device)
+    records = []
+    for num_objects in args.objects:
+        for num_anchors in args.num_anchors:
+            records.append(measure(assigner, fcos, num_anchors, num_objects, args, device))
+            print(f"measured A={num_anchors} M={num_objects}", file=sys.stderr, flush=True)
+
+    headers = ["A", "M", "R", "MuSu ms", "FCOS ms", "time ratio", "MuSu peak MiB"]
+    headers += ["FCOS peak MiB", "memory ratio"]
+    formats = ["", "", "", ".1f", ".1f", ".2f", ".1f", ".1f", ".2f"]
+    keys = ["A", "M", "R", "musu_ms", "fcos_ms", "time_ratio", "musu_peak_mib"]
+    keys += ["fcos_peak_mib", "memory_ratio"]
+    rows = [[format(r[k], f) for k, f in zip(keys, formats)] for r in records]
+    memory_method = (
+        "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "CPU allocator events via torch.profiler"
+    )
+    print(
+        f"\n### MuSu assigner vs Detectron2 FCOS.label_anchors ({args.images} images "
+        f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, strides {STRIDES}, C={NUM_CLASSES})\n"
+    )
+    print(markdown_table(headers, rows))
+    print(
+        f"\nTimes: medians of {args.repeats} calls each, MuSu and FCOS interleaved in one run "
+        f"(order alternating); time ratio = median of the per-repeat MuSu/FCOS ratios. "
+        f"Peak: tensor memory allocated during one call above its inputs ({memory_method}). "
+        f"FCOS has one anchor per location: at A=3 MuSu handles 3x the anchors of FCOS."
+    )
+    print(f"\nEnvironment: {environment_summary(device)}")
+    print(f"Command: `{command_line()}`")
+    if args.json is not None:
+        payload = {"command": command_line(), "environment": environment_summary(device)}
+        payload["rows"] = records
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Training iteration and inference time of MuSu against Detectron2's FCOS at equal architecture.
+
+MuSu is built from ``--config`` with ``build_model``; FCOS (``detectron2.modeling.meta_arch.fcos``)
+is built in Python on the same backbone builder (``build_musu_resnet_fpn_backbone``, same config)
+with an ``FCOSHead`` of the same width, depth and norm (``[C_fpn] * MODEL.MUSU.NUM_CONVS``,
+``MODEL.MUSU.NORM``), classes and inference settings. Inputs: ``--batch`` random images of
+``--size`` px with 1 to ``--max-objects`` random COCO-like boxes each (deterministic seed).
+
+A training iteration is zero_grad + forward (backbone, head, assignment, losses) + backward; the
+optimizer step is left out (it is the same for both, up to the parameter count). Inference is
+the eval-mode forward with post-processing (score threshold, top-k per level, NMS), per image.
+Every repeat runs all models once, in an order rotated each repeat (interleaved); the table shows
+medians and, as ratio to FCOS, the median of the per-repeat ratios.
+
+By default the score threshold of both is 0 (``--score-thresh``): at random initialization
+FCOS's sqrt(p * ctr) ~ 0.07 passes the config's 0.05 and MuSu's p * obj ~ 0.005 does not, so
+with the config's threshold they would post-process very different numbers of candidates.
+
+Usage (from the repository root): ``python tools/benchmarks/train_iter.py [--num-anchors 1 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Callable, Dict, List
+
+import torch
+from common import (  # tools/benchmarks/common.py: the script's folder is on sys.path
+    command_line,
+    environment_summary,
+    interleaved_timings,
+    markdown_table,
+    paired_ratio,
+    quiet_warnings,
+    random_boxes,
+)
+from detectron2.config import CfgNode, get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+from torch import nn
+
+import musu
+from musu.modeling import build_musu_resnet_fpn_backbone
+
+
+def load_config(path: str, device: str, opts: List[str]) -> CfgNode:
+    cfg = get_cfg()
+    musu.add_musu_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(opts)
+    cfg.MODEL.DEVICE = device
+    return cfg
+
+
+def build_musu(cfg: CfgNode, num_anchors: int, score_thresh: float, seed: int) -> nn.Module:
+    cfg = cfg.clone()
+    cfg.MODEL.MUSU.NUM_ANCHORS = num_anchors
+    cfg.MODEL.MUSU.SCORE_THRESH_TEST = score_thresh
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+def build_fcos(cfg: CfgNode, score_thresh: float, seed: int) -> FCOS:
+    """Detectron2's FCOS with MuSu's backbone, tower width / depth / norm and test settings."""
+    settings = cfg.MODEL.MUSU
+    torch.manual_seed(seed)
+    backbone = build_musu_resnet_fpn_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
+    shapes = backbone.output_shape()
+    input_shape = [shapes[f] for f in settings.IN_FEATURES]
+    head = FCOSHead(
+        input_shape=input_shape,
+        conv_dims=[input_shape[0].channels] * settings.NUM_CONVS,
+        norm=settings.NORM,
+        num_classes=settings.NUM_CLASSES,
+        prior_prob=settings.PRIOR_PROB,
+    )
+    model = FCOS(
+        backbone=backbone,
+        head=head,
+        head_in_features=list(settings.IN_FEATURES),
+        num_classes=settings.NUM_CLASSES,
+        focal_loss_alpha=settings.FOCAL_LOSS_ALPHA,
+        focal_loss_gamma=settings.FOCAL_LOSS_GAMMA,
+        test_score_thresh=score_thresh,
+        test_topk_candidates=settings.TOPK_CANDIDATES_TEST,
+        test_nms_thresh=settings.NMS_THRESH_TEST,
+        max_detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+        pixel_mean=cfg.MODEL.PIXEL_MEAN,
+        pixel_std=cfg.MODEL.PIXEL_STD,
+    )
+    return model.to(torch.device(cfg.MODEL.DEVICE))
+
+
+def random_batch(
+    batch: int, size: int, max_objects: int, num_classes: int, generator: torch.Generator
+) -> List[Dict[str, object]]:
+    """``batch`` dataset dicts: a (3, size, size) float image in [0, 255] and its Instances."""
+    inputs = []
+    for _ in range(batch):
+        num_objects = int(torch.randint(1, max_objects + 1, (1,), generator=generator))
+        boxes = random_boxes(num_objects, (size, size), generator, max_size=float(size))
+        classes = torch.randint(num_classes, (num_objects,), generator=generator)
+        image = torch.rand(3, size, size, generator=generator) * 255
+        instances = Instances((size, size), gt_boxes=Boxes(boxes), gt_classes=classes)
+        inputs.append({"image": image, "instances": instances})
+    return inputs
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def train_step(model: nn.Module, batches: List[List[Dict[str, object]]]) -> Callable[[], None]:
+    """A closure running one training iteration per call, cycling over the batches."""
+    state = {"step": 0}
+
+    def step() -> None:
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with EventStorage(state["step"]):
+            losses = model(batches[state["step"] % len(batches)])
+        sum(losses.values()).backward()
+        state["step"] += 1
+
+    return step
+
+
+def inference_step(model: nn.Module, images: List[Dict[str, object]]) -> Callable[[], None]:
+    def step() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(images)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/Synthetic/musu_R_18_FPN_synthetic.yaml")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--num-anchors", type=int, nargs="+", default=[1, 3], help="MuSu A values")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--max-objects", type=int, default=10, help="objects per image: 1..this")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations of each model")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--score-thresh", type=float, default=0.0, help="test threshold of both")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (0: torch default); see README"
+    )
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    args = parser.parse_args()
+    quiet_warnings()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    device = torch.device(args.device)
+    cfg = load_config(args.config, args.device, args.opts)
+
+    models: Dict[str, nn.Module] = {"FCOS": build_fcos(cfg, args.score_thresh, args.seed)}
+    for num_anchors in args.num_anchors:
+        models[f"MuSu A={num_anchors}"] = build_musu(cfg, num_anchors, args.score_thresh, args.seed)
+    params = {name: num_parameters(model) for name, model in models.items()}
+
+    generator = torch.Generator().manual_seed(args.seed)
+    num_classes = cfg.MODEL.MUSU.NUM_CLASSES
+    batches = [
+        random_batch(args.batch, args.size, args.max_objects, num_classes, generator)
+        for _ in range(2)
+    ]
+    test_images = [{"image": x["image"]} for x in batches[0]]
+
+    train = interleaved_timings(
+        {name: train_step(model, batches) for name, model in models.items()},
+        args.iters,
+        args.warmup,
+        device,
+    )
+    infer = interleaved_timings(
+        {name: inference_step(model, test_images) for name, model in models.items()},
+        args.iters,
+        args.warmup,
+        device,
+    )
+
+    rows = []
+    for name in models:
+        train_s = statistics.median(train[name])
+        infer_s = statistics.median(infer[name]) / args.batch
+        rows.append(
+            [
+                name,
+                f"{params[name]:,}",
+                f"{train_s:.3f}",
+                f"{paired_ratio(train[name], train['FCOS']):.2f}",
+                f"{infer_s:.4f}",
+                f"{paired_ratio(infer[name], infer['FCOS']):.2f}",
+            ]
+        )
+    print(
+        f"\n### Training iteration and inference: MuSu vs Detectron2 FCOS ({args.config}, "
+        f"batch {args.batch}, {args.size}x{args.size}, {num_classes} classes)\n"
+    )
+    headers = [
+        "model",
+        "params",
+        "train s/iter",
+        "train ratio to FCOS",
+        "inference s/image",
+        "inference ratio to FCOS",
+    ]
+    print(markdown_table(headers, rows))
+    print(
+        f"\nMedians of {args.iters} timed iterations per model after {args.warmup} warm-up, all "
+        f"models interleaved in one run (order rotated each repeat); ratios are medians of the "
+        f"per-repeat ratios. Train = zero_grad + forward + assignment + losses + backward (no "
+        f"optimizer step); inference = eval forward + post-processing of a batch of "
+        f"{args.batch}, divided by {args.batch}; test score threshold {args.score_thresh} for both."
+    )
+    if "MuSu A=1" in params:
+        levels = len(cfg.MODEL.MUSU.IN_FEATURES)
+        expected = params["FCOS"] + levels
+        verdict = "OK" if params["MuSu A=1"] == expected else "MISMATCH"
+        print(
+            f"\nParameters: MuSu A=1 {params['MuSu A=1']:,} vs FCOS {params['FCOS']:,} + "
+            f"{levels} levels (per-level scales) = {expected:,}: {verdict}"
+        )
+    print(f"\nEnvironment: {environment_summary(device)}")
+    print(f"Command: `{command_line()}`")
+
+
+if __name__ == "__main__":
+    main()
