@@ -55,8 +55,9 @@ def add_musu_config(cfg: CN) -> None:
     # --- Losses (Eqs. 7-8) ---
     # beta, the decay of the penalty term (1 - w)**beta (Eq. 7).
     _C.MODEL.MUSU.BETA = 4.0
-    # Focal loss balance alpha and focusing gamma.
+    # Focal loss balance alpha: positives weigh alpha, negatives 1 - alpha.
     _C.MODEL.MUSU.FOCAL_LOSS_ALPHA = 0.25
+    # Focal loss focusing parameter gamma.
     _C.MODEL.MUSU.FOCAL_LOSS_GAMMA = 2.0
     # Weight of the regression loss in L_det = L_cls + weight * L_reg (paper: 1).
     _C.MODEL.MUSU.REG_LOSS_WEIGHT = 1.0

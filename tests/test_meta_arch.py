@@ -187,6 +187,35 @@ def test_decode_boxes_known_values() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Backbone.
+# --------------------------------------------------------------------------------------------
+
+
+def test_backbone_gives_p3_to_p7_with_p6_from_p5() -> None:
+    """build_musu_resnet_fpn_backbone: P3-P7 at strides 8-128 with the FPN's channels; P6 is a
+    stride-2 conv on the P5 output (FCOS), P7 one on relu(P6)."""
+    cfg = synthetic_cfg(64)
+    model = build(cfg)
+    backbone = model.backbone
+    shapes = backbone.output_shape()
+    assert sorted(shapes, key=lambda k: shapes[k].stride) == ["p3", "p4", "p5", "p6", "p7"]
+    assert [shapes[f].stride for f in ("p3", "p4", "p5", "p6", "p7")] == STRIDES
+    assert all(shapes[f].channels == cfg.MODEL.FPN.OUT_CHANNELS for f in shapes)
+    assert model.strides == STRIDES
+    top = backbone.top_block
+    assert top.in_feature == "p5"
+    assert top.p6.in_channels == cfg.MODEL.FPN.OUT_CHANNELS  # not res5's 512 channels
+    model.eval()
+    image = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0)) * 255
+    with torch.no_grad():
+        features = backbone((image - model.pixel_mean) / model.pixel_std)  # dict of (1, 64, H, W)
+        torch.testing.assert_close(features["p6"], top.p6(features["p5"]))
+        torch.testing.assert_close(features["p7"], top.p7(torch.relu(features["p6"])))
+    assert features["p3"].shape[-2:] == (8, 12)
+    assert features["p7"].shape[-2:] == (1, 1)
+
+
+# --------------------------------------------------------------------------------------------
 # Training.
 # --------------------------------------------------------------------------------------------
 
@@ -243,6 +272,16 @@ def test_batch_without_objects(num_images: int) -> None:
     sum(losses.values()).backward()
     assert check_finite_gradients(model) > 0
     assert all(latest.get(key, 0.0) == 0.0 for key in STAT_KEYS)
+
+
+def test_training_forward_outside_event_storage() -> None:
+    """Outside a trainer (no EventStorage) the training forward still returns the losses."""
+    model = build(synthetic_cfg(64))
+    model.train()
+    generator = torch.Generator().manual_seed(8)
+    losses = model([random_input(2, 64, generator)])
+    assert set(losses) == LOSS_KEYS
+    assert all(bool(torch.isfinite(v)) for v in losses.values())
 
 
 def test_three_anchor_model_trains_a_step() -> None:
