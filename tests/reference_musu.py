@@ -191,7 +191,7 @@ def reference_focal_terms(
     """(FL+(p), FL-(p)) for merged p = sigmoid(cls) * sigmoid(obj), direct formula in float64."""
     p = sigmoid(cls_logit) * sigmoid(obj_logit)
     pos = -alpha * (1.0 - p) ** gamma * math.log(p)
-    neg = -(1.0 - alpha) * p**gamma * math.log(1.0 - p)
+    neg = -(1.0 - alpha) * p**gamma * math.log1p(-p)
     return pos, neg
 
 

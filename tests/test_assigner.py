@@ -375,6 +375,47 @@ def test_mutual_rankings(
     check(assign(kind, problem), [0, 0], cls_w, reg_w, [2], [math.sqrt(2)])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_bag_threshold_compares_float32_p_in_float64(kind: str) -> None:
+    # q = 1, P = [1.0, float32(0.1)] and b = 0.1: float32(0.1) = 0.10000000149 > 0.1 * 1.0 in
+    # float64, so a1 stays in the bag (a float32 product 0.1 * 1.0 would round to 0.10000000149
+    # and drop it).
+    box = [0, 0, 10, 10]
+    problem = single_image([[2, 2], [5, 5]], [[1.0], [0.1]], [box] * 2, [box], [0])
+    check(assign(kind, problem), [0, 0], [1, E1], [1, E2], [2], [math.sqrt(2)])
+
+
+# IoU(PRED_T, BOX_A) = 0.99902088875 < IoU(PRED_T, BOX_B) = 0.99902089493 in float64, but both
+# round to the same float32 value, so the comparisons of the contract see a tie.
+PRED_T = [0, 0, 2067, 2016]
+BOX_A = [0, 0, 2068, 2015]
+BOX_B = [0, 0, 2068, 2017]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_iou_compared_after_float32_rounding(kind: str) -> None:
+    # The point is inside both boxes; the float32 IoUs tie, so object 0 (BOX_A) wins although
+    # BOX_B has the larger float64 IoU.
+    problem = single_image([[1000, 1000]], [[1.0]], [PRED_T], [BOX_A, BOX_B], [0, 0])
+    check(assign(kind, problem), [0], [1], [1], [1, 0], [1, 0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ranking_compares_float32_values(kind: str) -> None:
+    # One box PRED_T; a0 predicts BOX_A, a1 predicts BOX_B (IoU is symmetric, values above).
+    # theta = 1, criterion 'iou': v = q = IoU ties in float32, so a0 (lower index) ranks first.
+    problem = single_image(
+        [[1000, 1000], [1000, 1001]],
+        [[1.0], [1.0]],
+        [BOX_A, BOX_B],
+        [PRED_T],
+        [0],
+        theta=1.0,
+        criterion="iou",
+    )
+    check(assign(kind, problem), [0, 0], [1, E1], [1, E2], [2], [math.sqrt(2)])
+
+
 # Five anchors inside one box, q = 1, scores [0.6, 0.9, 0.5, 0.8, 0.7]: every P > 0.09, bag of 5,
 # and both v_cls = p^(1/3) and v_reg = p order them the same way: ranks R = [3, 0, 4, 1, 2].
 RANKS5 = [3, 0, 4, 1, 2]
@@ -489,15 +530,18 @@ def test_some_images_without_objects(kind: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 GRID = 6
-SCORE_VALUES = (0.0, 0.05, 0.1, 0.25, 0.5, 0.9, 1.0)
+COORDS = tuple(range(GRID + 1))  # box coordinates; sampled_from draws about uniformly
+POINT_COORDS = tuple(k / 2 for k in range(2 * GRID + 1))  # integers lie on box borders
+SCORE_VALUES = (0.0, 0.05, 0.1, 0.25, 0.5, 0.5, 0.9, 1.0, 1.0)
 
 
 @st.composite
 def gt_box(draw: st.DrawFn) -> List[int]:
     """A box with positive area on the integer grid [0, GRID]."""
-    x1 = draw(st.integers(0, GRID - 2))
-    y1 = draw(st.integers(0, GRID - 2))
-    return [x1, y1, draw(st.integers(x1 + 1, GRID)), draw(st.integers(y1 + 1, GRID))]
+    x1 = draw(st.sampled_from(COORDS[: GRID - 1]))
+    y1 = draw(st.sampled_from(COORDS[: GRID - 1]))
+    x2 = draw(st.sampled_from(COORDS[x1 + 1 :]))
+    return [x1, y1, x2, draw(st.sampled_from(COORDS[y1 + 1 :]))]
 
 
 @st.composite
@@ -523,7 +567,7 @@ def problems(draw: st.DrawFn, max_anchors: int = 40) -> Problem:
     num_locations = draw(st.integers(1, max_anchors // slots))
     locations = draw(
         st.lists(
-            st.tuples(st.integers(0, GRID), st.integers(0, GRID)),
+            st.tuples(st.sampled_from(POINT_COORDS), st.sampled_from(POINT_COORDS)),
             min_size=num_locations,
             max_size=num_locations,
         )

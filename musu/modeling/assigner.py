@@ -226,43 +226,50 @@ class MuSuAssigner:
             return result
 
         # 1. Point-in-box test, the only dense (N, M_max, R) step, then inside-pairs only.
-        px = points[:, 0].to(torch.float64)  # (R,)
-        py = points[:, 1].to(torch.float64)
-        x1, y1, x2, y2 = (boxes[..., k, None] for k in range(4))  # each (N, M_max, 1)
-        inside = (px > x1) & (py > y1) & (px < x2) & (py < y2) & valid[..., None]  # (N, M_max, R)
+        # Compared in float32 (exact: float32 -> float64 loses nothing); padded all-zero boxes
+        # contain no point under strict inequalities, so no validity mask is needed.
+        px, py = points[:, 0].float(), points[:, 1].float()  # (R,)
+        boxes32 = boxes.float()
+        inside = px > boxes32[..., 0, None]  # (N, M_max, R)
+        inside &= py > boxes32[..., 1, None]
+        inside &= px < boxes32[..., 2, None]
+        inside &= py < boxes32[..., 3, None]
         pair_img, pair_obj, pair_anchor = inside.nonzero(as_tuple=True)  # (P,), sorted n, m, r
         del inside
         if len(pair_img) == 0:
             return result
 
         # 2. A_j: each anchor keeps the containing object of highest IoU (ties: lowest index).
-        iou = _pair_iou(
-            pred_boxes[pair_img, pair_anchor].to(torch.float64), boxes[pair_img, pair_obj]
-        ).to(
-            torch.float32
-        )  # (P,)
         anchor_key = pair_img * num_anchors + pair_anchor  # (P,) one id per (image, anchor)
+        object_key = pair_img * max_objects + pair_obj  # (P,) one id per (image, object)
+        pair_pred = pred_boxes.reshape(-1, 4).index_select(0, anchor_key).to(torch.float64)
+        pair_gt = boxes.reshape(-1, 4).index_select(0, object_key)
+        iou = _pair_iou(pair_pred, pair_gt).to(torch.float32)  # (P,)
+        del pair_pred, pair_gt
         flat_size = num_images * num_anchors
         best_iou = torch.full((flat_size,), -1.0, device=device)
         best_iou.scatter_reduce_(0, anchor_key, iou, reduce="amax")
         is_best = iou == best_iou[anchor_key]
         first_obj = torch.full((flat_size,), max_objects, dtype=torch.long, device=device)
         first_obj.scatter_reduce_(0, anchor_key[is_best], pair_obj[is_best], reduce="amin")
-        keep = is_best & (pair_obj == first_obj[anchor_key])
-        img, obj, anchor, iou = pair_img[keep], pair_obj[keep], pair_anchor[keep], iou[keep]
+        keep = (is_best & (pair_obj == first_obj[anchor_key])).nonzero().squeeze(1)
+        img, obj, anchor, object_key, iou = (
+            t.index_select(0, keep) for t in (pair_img, pair_obj, pair_anchor, object_key, iou)
+        )
         # (K,) members of all A_j, in (image, object, anchor) order as produced by nonzero().
 
         # 3. Joint likelihood P = p * IoU**theta (Eq. 1) and the candidate bag C_j (Eq. 2).
         p64 = scores[img, anchor, classes[img, obj]].to(torch.float64)  # (K,)
         q64 = iou.to(torch.float64).pow(self.theta)
         joint = (p64 * q64).to(torch.float32)
-        object_key = img * max_objects + obj  # (K,)
         max_joint = torch.zeros(num_images * max_objects, device=device)
         max_joint.scatter_reduce_(0, object_key, joint, reduce="amax")
         bag_max = max_joint[object_key].to(torch.float64)
         in_bag = (joint.to(torch.float64) > self.bag_threshold * bag_max) | (bag_max == 0)
-        img, obj, anchor, object_key = img[in_bag], obj[in_bag], anchor[in_bag], object_key[in_bag]
-        p64, q64 = p64[in_bag], q64[in_bag]
+        members = in_bag.nonzero().squeeze(1)
+        img, obj, anchor, object_key, p64, q64 = (
+            t.index_select(0, members) for t in (img, obj, anchor, object_key, p64, q64)
+        )
 
         # 4. Criteria (Eq. 3) and ranks inside each bag (descending, ties: lower anchor index).
         if self.criterion == "mutual":

@@ -18,15 +18,18 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "MIB",
     "LineProfile",
     "command_line",
     "environment_summary",
+    "inspect_unwrap",
     "quiet_warnings",
     "interleaved_timings",
     "line_profile",
@@ -169,7 +172,7 @@ def line_profile(fn: Callable[[], object], targets: Sequence[Callable]) -> LineP
     codes = {inspect_unwrap(t).__code__: inspect_unwrap(t).__name__ for t in targets}
     open_ranges: Dict[int, torch.autograd.profiler.record_function] = {}
 
-    def local_trace(frame, event, arg):  # noqa: ANN001
+    def local_trace(frame: FrameType, event: str, arg: object) -> Callable:
         key = id(frame)
         if key in open_ranges:
             open_ranges.pop(key).__exit__(None, None, None)
@@ -181,7 +184,7 @@ def line_profile(fn: Callable[[], object], targets: Sequence[Callable]) -> LineP
             open_ranges[key] = marker
         return local_trace
 
-    def global_trace(frame, event, arg):  # noqa: ANN001
+    def global_trace(frame: FrameType, event: str, arg: object) -> Optional[Callable]:
         return local_trace if frame.f_code in codes else None
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

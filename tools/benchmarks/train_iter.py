@@ -48,6 +48,7 @@ from musu.modeling import build_musu_resnet_fpn_backbone
 
 
 def load_config(path: str, device: str, opts: List[str]) -> CfgNode:
+    """Detectron2 defaults + MODEL.MUSU + the config file + command-line overrides."""
     cfg = get_cfg()
     musu.add_musu_config(cfg)
     cfg.merge_from_file(path)
@@ -57,6 +58,7 @@ def load_config(path: str, device: str, opts: List[str]) -> CfgNode:
 
 
 def build_musu(cfg: CfgNode, num_anchors: int, score_thresh: float, seed: int) -> nn.Module:
+    """MuSu from the config with A anchor slots and the given test score threshold."""
     cfg = cfg.clone()
     cfg.MODEL.MUSU.NUM_ANCHORS = num_anchors
     cfg.MODEL.MUSU.SCORE_THRESH_TEST = score_thresh
@@ -111,6 +113,7 @@ def random_batch(
 
 
 def num_parameters(model: nn.Module) -> int:
+    """All parameters, trainable or not."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -130,6 +133,8 @@ def train_step(model: nn.Module, batches: List[List[Dict[str, object]]]) -> Call
 
 
 def inference_step(model: nn.Module, images: List[Dict[str, object]]) -> Callable[[], None]:
+    """A closure running the eval-mode forward (with post-processing) of one batch per call."""
+
     def step() -> None:
         model.eval()
         with torch.no_grad():
