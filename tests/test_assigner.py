@@ -385,6 +385,24 @@ def test_bag_threshold_compares_float32_p_in_float64(kind: str) -> None:
     check(assign(kind, problem), [0, 0], [1, E1], [1, E2], [2], [math.sqrt(2)])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_p_is_computed_from_float64_q(kind: str) -> None:
+    # Box [3,3,4,5] (area 2), both anchors predict [1,4,4,6] (area 6): inter 1, union 7,
+    # IoU = 1/7; theta = 1, so q = 1/7 = 0.14285714285714285 in float64.
+    # P = p * q rounded to float32, p = [float32(0.05), 0.5]:
+    #   P0 = float32(0.0500000007450580597 / 7) = 0.0071428571827709675
+    #   P1 = float32(0.5 / 7)                   = 0.0714285746216774
+    # b * P1 = 0.0071428574621677406 > P0, so a0 is out of the bag.
+    # (Taking q from the float32 IoU 0.142857149 instead would give P0 = 0.0071428576484 and
+    # keep a0.)
+    box = [3, 3, 4, 5]
+    pred = [1, 4, 4, 6]
+    problem = single_image(
+        [[3.5, 3.5], [3.5, 4.5]], [[0.05], [0.5]], [pred, pred], [box], [0], theta=1.0
+    )
+    check(assign(kind, problem), [-1, 0], [0, 1], [0, 1], [1], [1])
+
+
 # IoU(PRED_T, BOX_A) = 0.99902088875 < IoU(PRED_T, BOX_B) = 0.99902089493 in float64, but both
 # round to the same float32 value, so the comparisons of the contract see a tie.
 PRED_T = [0, 0, 2067, 2016]

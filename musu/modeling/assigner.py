@@ -244,7 +244,8 @@ class MuSuAssigner:
         object_key = pair_img * max_objects + pair_obj  # (P,) one id per (image, object)
         pair_pred = pred_boxes.reshape(-1, 4).index_select(0, anchor_key).to(torch.float64)
         pair_gt = boxes.reshape(-1, 4).index_select(0, object_key)
-        iou = _pair_iou(pair_pred, pair_gt).to(torch.float32)  # (P,)
+        iou64 = _pair_iou(pair_pred, pair_gt)  # (P,) float64, feeds q
+        iou = iou64.to(torch.float32)  # (P,) rounded, compared across objects
         del pair_pred, pair_gt
         flat_size = num_images * num_anchors
         best_iou = torch.full((flat_size,), -1.0, device=device)
@@ -253,14 +254,14 @@ class MuSuAssigner:
         first_obj = torch.full((flat_size,), max_objects, dtype=torch.long, device=device)
         first_obj.scatter_reduce_(0, anchor_key[is_best], pair_obj[is_best], reduce="amin")
         keep = (is_best & (pair_obj == first_obj[anchor_key])).nonzero().squeeze(1)
-        img, obj, anchor, object_key, iou = (
-            t.index_select(0, keep) for t in (pair_img, pair_obj, pair_anchor, object_key, iou)
+        img, obj, anchor, object_key, iou64 = (
+            t.index_select(0, keep) for t in (pair_img, pair_obj, pair_anchor, object_key, iou64)
         )
         # (K,) members of all A_j, in (image, object, anchor) order as produced by nonzero().
 
         # 3. Joint likelihood P = p * IoU**theta (Eq. 1) and the candidate bag C_j (Eq. 2).
         p64 = scores[img, anchor, classes[img, obj]].to(torch.float64)  # (K,)
-        q64 = iou.to(torch.float64).pow(self.theta)
+        q64 = iou64.pow(self.theta)
         joint = (p64 * q64).to(torch.float32)
         max_joint = torch.zeros(num_images * max_objects, device=device)
         max_joint.scatter_reduce_(0, object_key, joint, reduce="amax")

@@ -16,20 +16,23 @@ __all__ = ["focal_loss_terms", "musu_classification_loss", "weighted_giou_loss"]
 
 
 def _merged_log_probs(cls_logits: Tensor, obj_logits: Tensor) -> tuple[Tensor, Tensor]:
-    """log p and log(1 - p) for p = sigmoid(cls) * sigmoid(obj), exact in log space.
+    """log p and log(1 - p) for p = sigmoid(cls) * sigmoid(obj), accurate and finite.
 
-    With a = cls, b = obj: 1 - p = (e^-a + e^-b + e^-(a+b)) * p, hence
-    log(1 - p) = log p + logsumexp(-a, -b, -a-b). Finite with finite gradients for any finite
-    logits (no subtraction of nearly equal numbers, no log of 0).
+    log p = logsigmoid(a) + logsigmoid(b). For p < 1/2, log(1 - p) = log1p(-p) (accurate for
+    small p). For p >= 1/2, with a = cls, b = obj: 1 - p = (e^-a + e^-b + e^-(a+b)) * p, hence
+    log(1 - p) = log p + logsumexp(-a, -b, -a-b), which stays finite (and exact) even where
+    p rounds to 1. Both branches have finite gradients for any finite logits.
     """
     if obj_logits.dim() == cls_logits.dim() - 1:
         obj_logits = obj_logits.unsqueeze(-1)
     cls_logits, obj_logits = torch.broadcast_tensors(cls_logits, obj_logits)  # (..., C)
     log_p = F.logsigmoid(cls_logits) + F.logsigmoid(obj_logits)
+    p = log_p.exp()
     log_odds_neg = torch.logsumexp(
         torch.stack([-cls_logits, -obj_logits, -(cls_logits + obj_logits)]), dim=0
     )
-    return log_p, log_p + log_odds_neg
+    log_1mp = torch.where(p < 0.5, torch.log1p(-p.clamp(max=0.5)), log_p + log_odds_neg)
+    return log_p, log_1mp
 
 
 def focal_loss_terms(
