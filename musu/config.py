@@ -37,6 +37,8 @@ def add_musu_config(cfg: CN) -> None:
     _C.MODEL.MUSU.ANCHOR_INIT_SEED = 0
 
     # --- Assigner (Procedure 1) ---
+    # Assigner builder registered in musu.modeling.build.ASSIGNER_REGISTRY (cfg -> assigner).
+    _C.MODEL.MUSU.ASSIGNER = "build_musu_assigner"
     # theta in q = IoU ** theta (Eq. 1).
     _C.MODEL.MUSU.THETA = 4.0
     # b in the candidate-bag threshold t = b * max P (Eq. 2); must lie in (0, 1).

@@ -34,6 +34,10 @@ class Assignment:
         reg_weight: (N, R) float in [0, 1], regression weight; 0 where gt_index == -1.
         bag_size: (N, M_max) long, |C_j| per object (0 for padding and objects with empty bags).
         tau_cls: (N, M_max) float, classification temperature per object (0 where bag_size == 0).
+        ignore: optional (N, R) bool, anchors that get no classification loss at all (e.g. the
+            IoU band between negative and positive thresholds of static assigners); None: none.
+        reg_gt_index: optional (N, R) long, the regression target object when it differs from
+            gt_index (assigners that pick the two heads' samples separately); None: gt_index.
     """
 
     gt_index: Tensor
@@ -41,6 +45,8 @@ class Assignment:
     reg_weight: Tensor
     bag_size: Tensor
     tau_cls: Tensor
+    ignore: Optional[Tensor] = None
+    reg_gt_index: Optional[Tensor] = None
 
 
 def _check_range(name: str, value: float, low: float, high: float, closed: bool) -> None:

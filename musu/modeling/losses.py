@@ -7,6 +7,8 @@ Shapes: N images, R anchors, C classes, P regression samples.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from fvcore.nn import giou_loss
@@ -60,18 +62,23 @@ def musu_classification_loss(
     focal_alpha: float = 0.25,
     gamma: float = 2.0,
     beta: float = 4.0,
+    ignore: Optional[Tensor] = None,
 ) -> Tensor:
     """Sum over anchors of Eq. 7: w FL+(p_c) + (1 - w)^beta FL-(p_c) + sum_{k != c} FL-(p_k).
 
-    Anchors with target class -1 contribute the background term sum_k FL-(p_k) only.
+    Anchors with target class -1 contribute the background term sum_k FL-(p_k) only; anchors
+    where ``ignore`` is True contribute nothing.
     Args:
         cls_logits: (N, R, C); obj_logits: (N, R); target_classes: (N, R) long in [-1, C);
-        cls_weight: (N, R) in [0, 1].
+        cls_weight: (N, R) in [0, 1]; ignore: optional (N, R) bool.
     Returns:
         A scalar, not normalized.
     """
     positive, negative = focal_loss_terms(cls_logits, obj_logits, focal_alpha, gamma)  # (N, R, C)
     assigned = target_classes >= 0  # (N, R)
+    if ignore is not None:
+        assigned = assigned & ~ignore
+        negative = negative.masked_fill(ignore[..., None], 0.0)
     background = negative.sum()
     if not bool(assigned.any()):
         return background

@@ -7,7 +7,7 @@ C classes, M_max objects per image after padding.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,8 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
 from ..config import validate_musu_config
-from .assigner import Assignment, MuSuAssigner, assignment_stats, pad_ground_truth
+from .assigner import Assignment, assignment_stats, pad_ground_truth
+from .build import build_assigner
 from .head import MuSuHead
 from .losses import musu_classification_loss, weighted_giou_loss
 
@@ -100,7 +101,7 @@ class MuSu(DenseDetector):
         backbone: Backbone,
         head: MuSuHead,
         head_in_features: List[str],
-        assigner: MuSuAssigner,
+        assigner: Callable[..., Assignment],
         num_classes: int,
         focal_loss_alpha: float = 0.25,
         focal_loss_gamma: float = 2.0,
@@ -137,20 +138,11 @@ class MuSu(DenseDetector):
         backbone = build_backbone(cfg)
         shapes = _check_in_features(backbone, musu.IN_FEATURES)
         head = MuSuHead(cfg, [shapes[f] for f in musu.IN_FEATURES])
-        assigner = MuSuAssigner(
-            theta=musu.THETA,
-            bag_threshold=musu.BAG_THRESHOLD,
-            alpha=musu.ALPHA,
-            tau_ratio=musu.TAU_RATIO,
-            temperature=musu.TEMPERATURE if musu.TEMPERATURE > 0 else None,
-            soft=musu.SOFT_WEIGHTS,
-            criterion=musu.CRITERION,
-        )
         return {
             "backbone": backbone,
             "head": head,
             "head_in_features": list(musu.IN_FEATURES),
-            "assigner": assigner,
+            "assigner": build_assigner(cfg),
             "num_classes": musu.NUM_CLASSES,
             "focal_loss_alpha": musu.FOCAL_LOSS_ALPHA,
             "focal_loss_gamma": musu.FOCAL_LOSS_GAMMA,
@@ -232,10 +224,14 @@ class MuSu(DenseDetector):
             focal_alpha=self.focal_loss_alpha,
             gamma=self.focal_loss_gamma,
             beta=self.beta,
+            ignore=assignment.ignore,
         )
         reg_mask = assignment.reg_weight > 0  # (N, R)
+        reg_gt_index = (
+            assignment.gt_index if assignment.reg_gt_index is None else assignment.reg_gt_index
+        )
         image_index, anchor_index = reg_mask.nonzero(as_tuple=True)
-        target_boxes = padded_boxes[image_index, assignment.gt_index[reg_mask]]  # (P, 4)
+        target_boxes = padded_boxes[image_index, reg_gt_index[reg_mask]]  # (P, 4)
         loss_reg = weighted_giou_loss(
             pred_boxes[image_index, anchor_index], target_boxes, assignment.reg_weight[reg_mask]
         )
