@@ -79,4 +79,22 @@ else
   (cd "$ROOT" && "${PIP[@]}" --no-build-isolation -e ".[test]") || die "pip install -e .[test] failed."
   musu_ok || die "musu was installed but does not import from $ROOT (see: $PYTHON -c 'import musu')."
 fi
+# 4. The sibling projects under projects/ (each an installable package with its own tests).
+for project in "$ROOT"/projects/*/; do
+  [ -f "$project/setup.cfg" ] || [ -f "$project/pyproject.toml" ] || continue
+  name="$(basename "$project")"
+  module="$(sed -n 's/^name *= *//p' "$project/setup.cfg" 2>/dev/null | head -n 1)"
+  module="${module:-$name}"
+  if (cd / && "$PYTHON" - "$project" "$module" <<'PY' >/dev/null 2>&1
+import importlib, os, sys
+spec = importlib.util.find_spec(sys.argv[2].replace("-", "_"))
+assert spec and spec.origin and os.path.realpath(spec.origin).startswith(os.path.realpath(sys.argv[1]))
+PY
+  ); then
+    say "project $name: installed"
+  else
+    say "project $name: installing (editable)"
+    (cd "$project" && "${PIP[@]}" --no-build-isolation -e .) || die "pip install -e projects/$name failed."
+  fi
+done
 say "ready"

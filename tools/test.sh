@@ -4,4 +4,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/install.sh"
 cd "$ROOT"
-exec "${PYTHON:-python3}" -m pytest tests "$@"
+shopt -s nullglob
+exec "${PYTHON:-python3}" -m pytest tests projects/*/tests "$@"

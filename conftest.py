@@ -1,4 +1,4 @@
-"""Test-suite guard: every requirement must be present; a missing one stops the run loudly.
+"""Test-suite guard (repository root, so it covers tests/ and projects/*/tests): every requirement must be present; a missing one stops the run loudly.
 
 Tests never skip because a dependency is absent: they fail here, naming the fix.
 """
