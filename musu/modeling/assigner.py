@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Assignment", "MuSuAssigner", "CRITERIA", "assignment_stats", "pad_ground_truth"]
+__all__ = [
+    "AnchorGrid",
+    "Assignment",
+    "MuSuAssigner",
+    "CRITERIA",
+    "assignment_stats",
+    "pad_ground_truth",
+]
 
 CRITERIA = ("mutual", "cls", "iou")
 
@@ -90,6 +97,87 @@ def _pair_iou(pred: Tensor, gt: Tensor) -> Tensor:
     area_gt = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
     union = area_pred + area_gt - inter
     return inter / union.clamp(min=torch.finfo(torch.float64).tiny)
+
+
+@dataclass(frozen=True)
+class AnchorGrid:
+    """Layout of anchor points on FPN grids: level l has an H_l x W_l grid of stride s_l, point
+    (j, i) at ((j + 0.5) * s_l, (i + 0.5) * s_l), repeated for A slots; flattened in
+    (level, H, W, A) order, as the head outputs are. Lets the assigner list the points inside
+    each box directly instead of testing every (object, point) pair.
+    """
+
+    feature_sizes: Tuple[Tuple[int, int], ...]
+    strides: Tuple[float, ...]
+    num_anchors: int
+
+    def points(self, device: torch.device | str = "cpu") -> Tensor:
+        """(R, 2) float32 points (x, y) in (level, H, W, A) order."""
+        per_level = []
+        for (height, width), stride in zip(self.feature_sizes, self.strides):
+            xs = self._coordinates(torch.arange(width, device=device), stride)  # (W,)
+            ys = self._coordinates(torch.arange(height, device=device), stride)  # (H,)
+            grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (H, W)
+            level = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)  # (H*W, 2)
+            per_level.append(level.repeat_interleave(self.num_anchors, dim=0))
+        return torch.cat(per_level)
+
+    @staticmethod
+    def _coordinates(index: Tensor, stride: float) -> Tensor:
+        """Float32 coordinate (index + 0.5) * stride, computed exactly as in points()."""
+        return (index.to(torch.float32) + 0.5) * float(stride)
+
+
+def _grid_index_range(
+    low: Tensor, high: Tensor, stride: Tensor, size: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """Smallest and largest grid index whose coordinate lies strictly inside (low, high).
+
+    low, high: (N, M, 1) float32; stride, size: (L,). Returns (N, M, L) long, first > last when
+    empty. The float64 estimate is corrected by one step each way against the float32 coordinates
+    of AnchorGrid.points, so the result equals a direct comparison with those points.
+    """
+    stride64 = stride.to(torch.float64)
+    first = torch.floor(low.double() / stride64 - 0.5).long() + 1  # (N, M, L)
+    last = torch.ceil(high.double() / stride64 - 0.5).long() - 1
+    coordinate = lambda index: (index.to(torch.float32) + 0.5) * stride  # noqa: E731
+    first = first - (coordinate(first - 1) > low).long()
+    first = first + (coordinate(first) <= low).long()
+    last = last + (coordinate(last + 1) < high).long()
+    last = last - (coordinate(last) >= high).long()
+    return first.clamp(min=0), torch.minimum(last, size - 1)
+
+
+def _grid_inside_pairs(grid: AnchorGrid, boxes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(image, object, anchor) index triples of points strictly inside boxes, listed per box.
+
+    boxes: (N, M_max, 4) float32 (padding boxes of zeros contain no point). Memory and time grow
+    with the number of pairs P, not with M x R. Order: (image, object, anchor) ascending, the
+    same as ``inside.nonzero()`` over a dense (N, M_max, R) mask.
+    """
+    device = boxes.device
+    num_images, max_objects = boxes.shape[:2]
+    slots = grid.num_anchors
+    heights = torch.tensor([h for h, _ in grid.feature_sizes], device=device)  # (L,)
+    widths = torch.tensor([w for _, w in grid.feature_sizes], device=device)
+    strides = torch.tensor(grid.strides, dtype=torch.float32, device=device)
+    level_offset = torch.cumsum(heights * widths * slots, 0) - heights * widths * slots  # (L,)
+    x_first, x_last = _grid_index_range(boxes[..., 0:1], boxes[..., 2:3], strides, widths)
+    y_first, y_last = _grid_index_range(boxes[..., 1:2], boxes[..., 3:4], strides, heights)
+    num_x = (x_last - x_first + 1).clamp(min=0)  # (N, M, L)
+    num_y = (y_last - y_first + 1).clamp(min=0)
+    counts = (num_x * num_y * slots).reshape(-1)  # (G,) one group per (image, object, level)
+    group = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)  # (P,)
+    start = torch.cumsum(counts, 0) - counts
+    local = torch.arange(len(group), device=device) - start[group]  # (P,) index inside group
+    slot, cell = local % slots, local // slots
+    row_length = num_x.reshape(-1)[group]
+    row = y_first.reshape(-1)[group] + cell // row_length
+    column = x_first.reshape(-1)[group] + cell % row_length
+    num_levels = len(grid.feature_sizes)
+    level = group % num_levels
+    anchor = level_offset[level] + (row * widths[level] + column) * slots + slot
+    return group // (num_levels * max_objects), (group // num_levels) % max_objects, anchor
 
 
 def _rank_within_groups(group: Tensor, value: Tensor) -> Tensor:
@@ -196,6 +284,16 @@ class MuSuAssigner:
                     f"got values in [{int(classes.min())}, {int(classes.max())}]"
                 )
 
+    @staticmethod
+    def _dense_inside_pairs(points: Tensor, boxes32: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Inside pairs from one (N, M_max, R) boolean test, in (image, object, anchor) order."""
+        px, py = points[:, 0].float(), points[:, 1].float()  # (R,)
+        inside = px > boxes32[..., 0, None]  # (N, M_max, R)
+        inside &= py > boxes32[..., 1, None]
+        inside &= px < boxes32[..., 2, None]
+        inside &= py < boxes32[..., 3, None]
+        return inside.nonzero(as_tuple=True)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -204,6 +302,7 @@ class MuSuAssigner:
         pred_boxes: Tensor,
         gt_boxes: Sequence[Tensor],
         gt_classes: Sequence[Tensor],
+        grid: Optional[AnchorGrid] = None,
     ) -> Assignment:
         """Assign anchors to objects and weight them for each head.
 
@@ -213,6 +312,8 @@ class MuSuAssigner:
             pred_boxes: (N, R, 4) predicted boxes, XYXY, image pixels.
             gt_boxes: N tensors (M_n, 4), XYXY.
             gt_classes: N long tensors (M_n,).
+            grid: optional layout that generated ``points`` (checked); with it the inside pairs
+                are listed per box (memory O(pairs)) instead of by a dense (N, M, R) test.
         Returns:
             The :class:`Assignment` of the batch.
         """
@@ -231,17 +332,15 @@ class MuSuAssigner:
         if max_objects == 0 or num_anchors == 0:
             return result
 
-        # 1. Point-in-box test, the only dense (N, M_max, R) step, then inside-pairs only.
-        # Compared in float32 (exact: float32 -> float64 loses nothing); padded all-zero boxes
-        # contain no point under strict inequalities, so no validity mask is needed.
-        px, py = points[:, 0].float(), points[:, 1].float()  # (R,)
+        # 1. Inside pairs: (image, object, anchor) with the point strictly inside the box. Boxes
+        # are compared in float32, like the points; padded all-zero boxes contain no point.
         boxes32 = boxes.float()
-        inside = px > boxes32[..., 0, None]  # (N, M_max, R)
-        inside &= py > boxes32[..., 1, None]
-        inside &= px < boxes32[..., 2, None]
-        inside &= py < boxes32[..., 3, None]
-        pair_img, pair_obj, pair_anchor = inside.nonzero(as_tuple=True)  # (P,), sorted n, m, r
-        del inside
+        if grid is not None:
+            if not torch.equal(grid.points(device), points.float()):
+                raise ValueError("grid does not describe points (see AnchorGrid.points)")
+            pair_img, pair_obj, pair_anchor = _grid_inside_pairs(grid, boxes32)  # (P,) each
+        else:
+            pair_img, pair_obj, pair_anchor = self._dense_inside_pairs(points, boxes32)
         if len(pair_img) == 0:
             return result
 
