@@ -5,26 +5,65 @@ python train_net.py --config-file configs/Synthetic/musu_R_18_FPN_synthetic.yaml
 python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <path or musu://name>
 python train_net.py --config-file <cfg> --resume          # continue from the last checkpoint
 python train_net.py --config-file <cfg> --num-gpus 8      # multi-GPU through launch()
+python train_net.py --config-file <cfg> --register-coco my_train ann.json images/ \
+    DATASETS.TRAIN "('my_train',)"                          # your own COCO-format data
+
+Robustness: checkpoints and ``last_checkpoint`` are written atomically (a run killed at any moment
+resumes from its last complete checkpoint with ``--resume``); the training data's class indices
+are checked against ``MODEL.MUSU.NUM_CLASSES`` before the first step; unknown config keys and
+invalid ``MODEL.MUSU`` values fail in ``setup`` naming the key.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
+from detectron2.data import (
+    DatasetCatalog,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine.hooks import HookBase
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 
 import musu
+from musu.data import register_coco_dataset
+from musu.engine import AtomicCheckpointer, check_dataset_classes
 
 logger = logging.getLogger("musu.train_net")
 
 
 class Trainer(DefaultTrainer):
-    """Detectron2's DefaultTrainer with COCO evaluation of every test dataset."""
+    """Detectron2's DefaultTrainer with COCO evaluation of every test dataset, atomic
+    checkpoints (:class:`musu.engine.AtomicCheckpointer`) and a start-up check of the training
+    data's class indices against ``MODEL.MUSU.NUM_CLASSES``."""
+
+    def build_hooks(self) -> list[HookBase]:
+        # DefaultTrainer.__init__ builds a DetectionCheckpointer just before calling build_hooks;
+        # replace it here so that the PeriodicCheckpointer hook and resume_or_load use ours.
+        previous = self.checkpointer
+        self.checkpointer = AtomicCheckpointer(
+            previous.model, previous.save_dir, **previous.checkpointables
+        )
+        return super().build_hooks()
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        """Detectron2's train loader, after checking every annotation's class index."""
+        dicts = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        if "MUSU" in cfg.MODEL:  # MuSu and the detectors that share MODEL.MUSU.NUM_CLASSES
+            check_dataset_classes(dicts, cfg.MODEL.MUSU.NUM_CLASSES, cfg.DATASETS.TRAIN)
+        return build_detection_train_loader(cfg, dataset=dicts)
 
     @classmethod
     def build_evaluator(
@@ -39,8 +78,15 @@ def setup(args) -> CfgNode:
     """Config from defaults + MuSu keys + file + command-line opts, frozen and validated."""
     cfg = get_cfg()
     musu.add_musu_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    for source, merge, value in (
+        (f"config file {args.config_file}", cfg.merge_from_file, args.config_file),
+        ("command-line options", cfg.merge_from_list, args.opts),
+    ):
+        try:
+            merge(value)
+        except (KeyError, AssertionError) as error:  # yacs: "Non-existent (config) key: A.B"
+            message = error.args[0] if error.args else repr(error)
+            raise KeyError(f"Invalid config in {source}: {message}") from error
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger(__name__).warning("CUDA is not available: MODEL.DEVICE set to 'cpu'.")
         cfg.MODEL.DEVICE = "cpu"
@@ -50,11 +96,19 @@ def setup(args) -> CfgNode:
     return cfg
 
 
+def register_datasets(args) -> None:
+    """Register the ``--register-coco NAME JSON_FILE IMAGE_ROOT`` datasets (in each process)."""
+    for name, json_file, image_root in getattr(args, "register_coco", None) or []:
+        if name not in DatasetCatalog.list():
+            register_coco_dataset(name, json_file, image_root)
+
+
 def main(args):
+    register_datasets(args)
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)
@@ -64,8 +118,21 @@ def main(args):
     return getattr(trainer, "_last_eval_results", None)  # set by the final evaluation, if any
 
 
+def argument_parser() -> argparse.ArgumentParser:
+    """Detectron2's argument parser plus ``--register-coco``."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--register-coco",
+        nargs=3,
+        action="append",
+        metavar=("NAME", "JSON_FILE", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME before training (repeatable)",
+    )
+    return parser
+
+
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(
         main,

@@ -7,6 +7,7 @@ backbone and the built-in datasets; ``musu.add_musu_config(cfg)`` adds ``cfg.MOD
 # modeling first: musu.config reads the assigner's constants, and the meta-arch reads the config.
 from . import data  # noqa: F401  (registers the built-in datasets)
 from . import modeling  # noqa: F401  (registers META_ARCH "MuSu" and the backbone)
+from . import model_zoo  # noqa: F401 (registers musu://)
 from .config import add_musu_config, validate_musu_config
 
 __version__ = "0.1.0"

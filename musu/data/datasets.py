@@ -11,17 +11,20 @@ the metadata fields ``json_file`` and ``image_root`` are computed on access by c
 :func:`ensure_dataset`: reading ``json_file`` (as ``COCOEvaluator`` does when constructed)
 generates a missing synthetic split, or raises a ``FileNotFoundError`` naming the missing file and
 ``$MUSU_DATASETS`` for absent real data. Loading a dataset through ``DatasetCatalog.get`` does the
-same before parsing the JSON with ``load_coco_json``.
+same before parsing the JSON with :func:`load_coco_detection_json`, which validates and cleans it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
-from detectron2.data.datasets import load_coco_json, register_coco_instances
+from detectron2.data.datasets import load_coco_json
 
 from . import synthetic
 
@@ -30,6 +33,7 @@ __all__ = [
     "BUILTIN_DATASETS",
     "datasets_root",
     "ensure_dataset",
+    "load_coco_detection_json",
     "register_builtin_datasets",
     "register_coco_dataset",
 ]
@@ -38,6 +42,8 @@ BCCD_CLASSES: tuple[str, ...] = ("RBC", "WBC", "Platelets")
 _SYNTHETIC_SPLITS = {"musu_synthetic_train": "train", "musu_synthetic_val": "val"}
 _BCCD_SPLITS = {"bccd_train": "train", "bccd_val": "val"}
 BUILTIN_DATASETS: tuple[str, ...] = (*_SYNTHETIC_SPLITS, *_BCCD_SPLITS)
+
+logger = logging.getLogger(__name__)
 
 # Where each built-in dataset's (json_file, image_root) come from; called at use time.
 _RESOLVERS: dict[str, Callable[[], tuple[str, str]]] = {}
@@ -90,6 +96,80 @@ def ensure_dataset(name: str) -> tuple[str, str]:
     return str(json_file), str(image_root)
 
 
+def _category_error(json_file: str, dataset_name: str) -> ValueError:
+    """The error for annotations whose category_id is not among the JSON's categories, naming the
+    file, the first offending annotations and the known ids (the JSON is only re-read here)."""
+    with open(json_file) as f:
+        content = json.load(f)
+    known = sorted(c["id"] for c in content.get("categories", []))
+    images = {img["id"]: img.get("file_name") for img in content.get("images", [])}
+    bad = [a for a in content.get("annotations", []) if a.get("category_id") not in set(known)]
+    examples = "; ".join(
+        f"annotation id {a.get('id')} (image id {a.get('image_id')}, "
+        f"{images.get(a.get('image_id'))}) has category_id {a.get('category_id')!r}"
+        for a in bad[:5]
+    )
+    return ValueError(
+        f"{json_file} (dataset {dataset_name!r}): {len(bad)} annotation(s) have a category_id "
+        f"that is not in the file's 'categories' (ids {known}): {examples}"
+    )
+
+
+def load_coco_detection_json(
+    json_file: str | os.PathLike, image_root: str | os.PathLike, dataset_name: str
+) -> list[dict]:
+    """Detectron2's ``load_coco_json`` plus checks that name the file and the annotation.
+
+    * A ``category_id`` missing from the JSON's ``categories``: ``ValueError``.
+    * A ``bbox`` that is not 4 finite numbers: ``ValueError``.
+    * A box of zero or negative width or height, or wholly outside its image: dropped, with one
+      warning per file (count and examples). Detectron2's transforms would otherwise turn a
+      negative-size box into a positive one (corners are re-sorted) and train on it.
+    Boxes partly outside the image are kept (the mapper clips them), ``iscrowd`` objects too (the
+    mapper drops them). Annotation ids are kept in each object's ``"id"``.
+    """
+    json_file, image_root = os.fspath(json_file), os.fspath(image_root)
+    try:
+        dicts = load_coco_json(json_file, image_root, dataset_name, extra_annotation_keys=["id"])
+    except KeyError as error:
+        if "category_id" not in str(error):
+            raise
+        raise _category_error(json_file, dataset_name) from error
+    dropped: list[str] = []
+    for record in dicts:
+        kept = []
+        width, height = record["width"], record["height"]
+        for obj in record["annotations"]:
+            bbox = obj.get("bbox")
+            where = f"annotation id {obj.get('id')} of image id {record['image_id']} " + (
+                f"({record['file_name']})"
+            )
+            try:
+                x, y, w, h = (float(v) for v in bbox)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{json_file}: {where}: bbox must be [x, y, width, height], got {bbox!r}"
+                ) from None
+            if not all(math.isfinite(v) for v in (x, y, w, h)):
+                raise ValueError(f"{json_file}: {where}: bbox has non-finite values {bbox!r}")
+            if w <= 0 or h <= 0:
+                dropped.append(f"{where}: size {w}x{h}")
+                continue
+            if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+                dropped.append(f"{where}: box {bbox} outside the {width}x{height} image")
+                continue
+            kept.append(obj)
+        record["annotations"] = kept
+    if dropped:
+        logger.warning(
+            "%s: dropped %d annotation(s) with an empty box or a box outside its image, e.g. %s",
+            json_file,
+            len(dropped),
+            "; ".join(dropped[:5]),
+        )
+    return dicts
+
+
 class _LazyPathMetadata(Metadata):
     """Metadata whose ``json_file`` / ``image_root`` are computed by :func:`ensure_dataset` on
     each access, so they follow the environment and exist once read. Other fields are plain."""
@@ -108,7 +188,7 @@ def _register_lazy(name: str, resolver: Callable[[], tuple[str, str]], classes: 
 
     def load() -> list[dict]:
         json_file, image_root = ensure_dataset(name)
-        return load_coco_json(json_file, image_root, name)
+        return load_coco_detection_json(json_file, image_root, name)
 
     DatasetCatalog.register(name, load)
     fields = {k: v for k, v in MetadataCatalog.get(name).__dict__.items() if k != "name"}
@@ -133,13 +213,18 @@ def register_coco_dataset(
 ) -> None:
     """Register a COCO-format detection dataset (your own data) under ``name``.
 
-    Thin wrapper of Detectron2's ``register_coco_instances``: ``DatasetCatalog.get(name)`` then
-    parses ``json_file`` (``file_name``s relative to ``image_root``), and the metadata gets
+    Like Detectron2's ``register_coco_instances``, but ``DatasetCatalog.get(name)`` parses
+    ``json_file`` (``file_name``s relative to ``image_root``) with the checks of
+    :func:`load_coco_detection_json`; the metadata gets
     ``json_file``, ``image_root``, ``evaluator_type="coco"`` and ``metadata``; ``thing_classes``
     is filled from the JSON categories when the dataset is first loaded. Paths are fixed now but
     only read at load time. Re-registering a name with different paths raises ``AssertionError``.
     """
-    register_coco_instances(name, dict(metadata or {}), os.fspath(json_file), os.fspath(image_root))
+    json_file, image_root = os.fspath(json_file), os.fspath(image_root)
+    DatasetCatalog.register(name, lambda: load_coco_detection_json(json_file, image_root, name))
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type="coco", **dict(metadata or {})
+    )
 
 
 register_builtin_datasets()

@@ -5,8 +5,9 @@ Naming convention for shapes: N images, M objects (padded to M_max per batch), R
 lies inside the object's box.
 
 Everything here is computed under ``torch.no_grad`` from detached inputs, batched over images,
-with no Python loop over images, objects, anchors or candidate bags. After one boolean
-point-in-box test of size (N, M_max, R), all work is done on the P inside-pairs only.
+with no Python loop over images, objects, anchors or candidate bags. The inside pairs are found
+either by listing each box's grid points (given an :class:`AnchorGrid`; memory O(P)) or by one
+boolean (N, M_max, R) test; all later work is done on the P inside pairs only.
 """
 
 from __future__ import annotations
@@ -320,7 +321,7 @@ class MuSuAssigner:
         self._check_inputs(points, scores, pred_boxes, gt_boxes, gt_classes)
         device = scores.device
         num_images, num_anchors, _ = scores.shape
-        boxes, classes, valid = pad_ground_truth(gt_boxes, gt_classes, torch.float64, device)
+        boxes, classes, _ = pad_ground_truth(gt_boxes, gt_classes, torch.float64, device)
         max_objects = boxes.shape[1]
 
         gt_index = torch.full((num_images, num_anchors), -1, dtype=torch.long, device=device)

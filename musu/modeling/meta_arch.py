@@ -2,12 +2,19 @@
 
 Shapes: N images, R anchor slots over all levels (H_l x W_l x A per level, in that order),
 C classes, M_max objects per image after padding.
+
+Robustness: training inputs are checked before the backbone runs (class index outside
+``[0, NUM_CLASSES)`` or non-finite box: ``ValueError`` naming the image file); objects marked
+``gt_is_crowd`` are never candidates and their regions get no classification loss; a non-finite
+loss raises ``FloatingPointError`` naming the term, the iteration and the likely cause.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Callable, Dict, List, Tuple
+import math
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -84,6 +91,65 @@ def _reduce_mean_normalizer(total: Tensor) -> Tensor:
     return total.clamp(min=1.0)
 
 
+def _split_crowd(
+    gt_instances: List[Instances],
+) -> Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]]]:
+    """Non-crowd boxes (M_n, 4) and classes (M_n,) per image, and crowd boxes (K_n, 4) per image
+    (None when no image has a ``gt_is_crowd`` field)."""
+    has_crowd = any(x.has("gt_is_crowd") for x in gt_instances)
+    boxes, classes, crowd = [], [], []
+    for x in gt_instances:
+        box, cls = x.gt_boxes.tensor.float(), x.gt_classes
+        is_crowd = x.gt_is_crowd.bool() if x.has("gt_is_crowd") else torch.zeros_like(cls).bool()
+        boxes.append(box[~is_crowd])
+        classes.append(cls[~is_crowd])
+        crowd.append(box[is_crowd])
+    return boxes, classes, (crowd if has_crowd else None)
+
+
+def _ignore_crowd_regions(
+    assignment: Assignment, points: Tensor, crowd_boxes: List[Tensor]
+) -> Assignment:
+    """Mark unassigned anchors whose point lies inside a crowd box of their image as ignored."""
+    inside = torch.zeros_like(assignment.gt_index, dtype=torch.bool)  # (N, R)
+    for n, boxes in enumerate(crowd_boxes):  # crowd boxes are few: (K, R) per image
+        if len(boxes):
+            px, py = points[:, 0], points[:, 1]  # (R,)
+            boxes = boxes.to(points.device)
+            hit = (px > boxes[:, 0, None]) & (px < boxes[:, 2, None])  # (K, R)
+            hit &= (py > boxes[:, 1, None]) & (py < boxes[:, 3, None])
+            inside[n] = hit.any(dim=0)
+    ignore = inside & (assignment.gt_index < 0)
+    if assignment.ignore is not None:
+        ignore |= assignment.ignore
+    return dataclasses.replace(assignment, ignore=ignore)
+
+
+def _check_finite_losses(
+    losses: Dict[str, Tensor], cls_logits: Tensor, obj_logits: Tensor, pred_boxes: Tensor
+) -> None:
+    """Raise ``FloatingPointError`` naming every non-finite loss term, the iteration (when run
+    by a trainer) and whether the head outputs were already non-finite. One device sync."""
+    values = torch.stack([v.detach().float() for v in losses.values()])
+    if bool(torch.isfinite(values).all()):
+        return
+    bad = {k: v for k, v in zip(losses, values.tolist()) if not math.isfinite(v)}
+    try:
+        iteration: object = get_event_storage().iter
+    except AssertionError:  # not run by a trainer
+        iteration = "? (no EventStorage)"
+    outputs = {"cls_logits": cls_logits, "obj_logits": obj_logits, "pred_boxes": pred_boxes}
+    broken = [k for k, v in outputs.items() if not bool(torch.isfinite(v.detach()).all())]
+    cause = (
+        f"the head outputs {broken} are already non-finite: the weights or the input images hold"
+        " NaN/Inf (training diverged: lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or "
+        "enable SOLVER.CLIP_GRADIENTS; or check the images)"
+        if broken
+        else "the head outputs are finite: check the ground-truth boxes of this batch"
+    )
+    raise FloatingPointError(f"MuSu: non-finite loss at iteration {iteration}: {bad}; {cause}")
+
+
 @META_ARCH_REGISTRY.register()
 class MuSu(DenseDetector):
     """One-stage detector trained by Mutual Supervision (Gao et al., ICCV 2021).
@@ -156,6 +222,40 @@ class MuSu(DenseDetector):
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
 
+    def forward(self, batched_inputs: List[Dict[str, Any]]):
+        """Detectron2's forward; in training, the ground truth is checked first."""
+        if self.training:
+            self._check_ground_truth(batched_inputs)
+        return super().forward(batched_inputs)
+
+    def _check_ground_truth(self, batched_inputs: List[Dict[str, Any]]) -> None:
+        """``ValueError`` naming the image for class indices the model cannot represent or
+        non-finite boxes: indexing with them would fail far away or silently train on garbage."""
+        for index, item in enumerate(batched_inputs):
+            instances = item.get("instances")
+            if instances is None or len(instances) == 0:
+                continue
+            where = (
+                f"image {item.get('file_name', f'#{index} of the batch')} "
+                f"(image_id {item.get('image_id', '?')})"
+            )
+            classes = instances.gt_classes
+            bad = (classes < 0) | (classes >= self.num_classes)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{where}: object(s) {bad.nonzero().flatten().tolist()[:10]} have class "
+                    f"indices {classes[bad].unique().tolist()[:10]} outside [0, {self.num_classes})"
+                    f": MODEL.MUSU.NUM_CLASSES ({self.num_classes}) is smaller than the dataset's"
+                    " number of classes, or the dataset maps category ids wrongly"
+                )
+            boxes = instances.gt_boxes.tensor
+            finite = torch.isfinite(boxes).all(dim=1)
+            if not bool(finite.all()):
+                raise ValueError(
+                    f"{where}: object(s) {(~finite).nonzero().flatten().tolist()[:10]} have "
+                    "non-finite box coordinates"
+                )
+
     def _flatten_predictions(
         self, predictions: List[List[Tensor]]
     ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
@@ -185,13 +285,14 @@ class MuSu(DenseDetector):
             points, strides = self._points(features)  # (R, 2), (R,)
             pred_boxes = decode_boxes(points, strides, log_distances)  # (N, R, 4)
 
-            gt_boxes = [x.gt_boxes.tensor.float() for x in gt_instances]
-            gt_classes = [x.gt_classes for x in gt_instances]
+            gt_boxes, gt_classes, crowd_boxes = _split_crowd(gt_instances)
             with torch.no_grad():
                 scores = cls_logits.detach().sigmoid() * obj_logits.detach().sigmoid()[..., None]
                 assignment = self.assigner(
                     points, scores, pred_boxes.detach(), gt_boxes, gt_classes
                 )
+                if crowd_boxes is not None:
+                    assignment = _ignore_crowd_regions(assignment, points, crowd_boxes)
             self._log_assignment(assignment)
             return self.losses(cls_logits, obj_logits, pred_boxes, gt_boxes, gt_classes, assignment)
 
@@ -237,10 +338,12 @@ class MuSu(DenseDetector):
         )
         cls_normalizer = _reduce_mean_normalizer(assignment.cls_weight.sum())
         reg_normalizer = _reduce_mean_normalizer(assignment.reg_weight.sum())
-        return {
+        losses = {
             "loss_musu_cls": loss_cls / cls_normalizer,
             "loss_musu_reg": self.reg_loss_weight * loss_reg / reg_normalizer,
         }
+        _check_finite_losses(losses, cls_logits, obj_logits, pred_boxes)
+        return losses
 
     def _log_assignment(self, assignment: Assignment) -> None:
         try:

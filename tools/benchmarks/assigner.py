@@ -51,7 +51,7 @@ from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.structures import Boxes, Instances
 from torch import Tensor
 
-from musu.modeling.assigner import MuSuAssigner
+from musu.modeling.assigner import AnchorGrid, MuSuAssigner
 from musu.modeling.meta_arch import anchor_points
 
 IMAGE_SIZE = (800, 1333)  # (H, W)
@@ -232,7 +232,10 @@ def measure(
     gt_boxes, gt_classes = ground_truth(args.images, num_objects, args.seed, device)
     anchors, instances = fcos_inputs(fcos, gt_boxes, gt_classes, device)
     points, scores, pred_boxes = musu_inputs(args.images, num_anchors, args.seed, device)
-    run_musu = partial(assigner, points, scores, pred_boxes, gt_boxes, gt_classes)
+    grid = None
+    if args.pairs == "grid":  # as the detector calls it: inside pairs listed per box
+        grid = AnchorGrid(tuple(feature_sizes()), tuple(STRIDES), num_anchors)
+    run_musu = partial(assigner, points, scores, pred_boxes, gt_boxes, gt_classes, grid=grid)
     run_fcos = partial(fcos.label_anchors, anchors, instances)
 
     times = interleaved_timings(
@@ -275,6 +278,13 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (0: torch default); see README"
     )
+    parser.add_argument(
+        "--pairs",
+        choices=["grid", "dense"],
+        default="grid",
+        help="MuSu inside-pair search: 'grid' lists points per box (what the detector uses), "
+        "'dense' tests every (object, point) pair",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument(
         "--profile", action="store_true", help="per-step breakdown of MuSu and FCOS (CPU only)"
@@ -308,7 +318,8 @@ def main() -> None:
     )
     print(
         f"\n### MuSu assigner vs Detectron2 FCOS.label_anchors ({args.images} images "
-        f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, strides {STRIDES}, C={NUM_CLASSES})\n"
+        f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, strides {STRIDES}, C={NUM_CLASSES}, "
+        f"MuSu pairs: {args.pairs})\n"
     )
     print(markdown_table(headers, rows))
     print(

@@ -1,0 +1,93 @@
+"""Detectron2's own FCOS, unchanged, as the META_ARCH "D2FCOS": the peer MuSu is compared with.
+
+The builder only *constructs* ``detectron2.modeling.meta_arch.fcos.FCOS`` with ``FCOSHead`` from
+YAML keys; training, losses, assignment and inference are Detectron2's code. Shared settings come
+from ``MODEL.MUSU`` (NUM_CLASSES, IN_FEATURES, NUM_CONVS, NORM, PRIOR_PROB, FOCAL_LOSS_ALPHA/GAMMA,
+SCORE_THRESH_TEST, TOPK_CANDIDATES_TEST, NMS_THRESH_TEST) so that a MuSu config and an FCOS config
+differ only in ``MODEL.META_ARCHITECTURE``. FCOS-only settings live in ``MODEL.FCOS_ADAPTOR``
+(added by :func:`add_fcos_adaptor_config`); when that node is absent, Detectron2's defaults apply.
+
+Differences from MuSu that are FCOS's own design (kept, not "fixed"): linear stride-normalized box
+regression without per-level learnable scales, a centerness branch on the regression tower, the
+center-sampling + scale-range assignment, and the inference score
+``sqrt(sigmoid(cls) * sigmoid(ctr))`` (MuSu: ``sigmoid(cls) * sigmoid(obj)``).
+"""
+
+from __future__ import annotations
+
+from detectron2.config import CfgNode
+from detectron2.config import CfgNode as CN
+from detectron2.modeling import build_backbone
+from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
+from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+
+__all__ = ["D2FCOS", "add_fcos_adaptor_config", "DEFAULT_CENTER_SAMPLING_RADIUS"]
+
+# Detectron2's FCOS default (and the FCOS paper's "center sampling" radius, in strides).
+DEFAULT_CENTER_SAMPLING_RADIUS = 1.5
+
+
+def add_fcos_adaptor_config(cfg: CfgNode) -> None:
+    """Add the ``MODEL.FCOS_ADAPTOR`` node (FCOS-only keys), in place; edits nothing else."""
+    cfg.MODEL.FCOS_ADAPTOR = CN()
+    # Radius (in strides) around a box centre within which FCOS labels anchor points positive.
+    cfg.MODEL.FCOS_ADAPTOR.CENTER_SAMPLING_RADIUS = DEFAULT_CENTER_SAMPLING_RADIUS
+
+
+def _center_sampling_radius(cfg: CfgNode) -> float:
+    node = cfg.MODEL.get("FCOS_ADAPTOR")
+    radius = DEFAULT_CENTER_SAMPLING_RADIUS if node is None else node.CENTER_SAMPLING_RADIUS
+    if not radius > 0:
+        raise ValueError(
+            f"Invalid config: MODEL.FCOS_ADAPTOR.CENTER_SAMPLING_RADIUS must be > 0, got {radius!r}"
+        )
+    return float(radius)
+
+
+@META_ARCH_REGISTRY.register()
+def D2FCOS(cfg: CfgNode) -> FCOS:  # noqa: N802 - registry name is the function name
+    """Detectron2's ``FCOS`` + ``FCOSHead`` built from ``MODEL.MUSU`` (+ ``MODEL.FCOS_ADAPTOR``)."""
+    musu = cfg.MODEL.MUSU
+    if musu.NUM_ANCHORS != 1:
+        raise ValueError(
+            f"Invalid config: D2FCOS has one anchor point per location; MODEL.MUSU.NUM_ANCHORS "
+            f"must be 1, got {musu.NUM_ANCHORS}"
+        )
+    if musu.NUM_CONVS < 1:
+        raise ValueError(
+            f"Invalid config: D2FCOS (FCOSHead) needs MODEL.MUSU.NUM_CONVS >= 1, "
+            f"got {musu.NUM_CONVS}"
+        )
+    if musu.DEFORMABLE_LAST_CONV:
+        raise ValueError("Invalid config: D2FCOS has no deformable head conv option")
+    backbone = build_backbone(cfg)
+    shapes = backbone.output_shape()
+    missing = [f for f in musu.IN_FEATURES if f not in shapes]
+    if missing:
+        raise ValueError(
+            f"MODEL.MUSU.IN_FEATURES names {missing}, which the backbone does not output "
+            f"(it has {sorted(shapes)})"
+        )
+    input_shape = [shapes[f] for f in musu.IN_FEATURES]
+    head = FCOSHead(
+        input_shape=input_shape,
+        conv_dims=[input_shape[0].channels] * musu.NUM_CONVS,
+        num_classes=musu.NUM_CLASSES,
+        norm=musu.NORM,
+        prior_prob=musu.PRIOR_PROB,
+    )
+    return FCOS(
+        backbone=backbone,
+        head=head,
+        head_in_features=list(musu.IN_FEATURES),
+        num_classes=musu.NUM_CLASSES,
+        center_sampling_radius=_center_sampling_radius(cfg),
+        focal_loss_alpha=musu.FOCAL_LOSS_ALPHA,
+        focal_loss_gamma=musu.FOCAL_LOSS_GAMMA,
+        test_score_thresh=musu.SCORE_THRESH_TEST,
+        test_topk_candidates=musu.TOPK_CANDIDATES_TEST,
+        test_nms_thresh=musu.NMS_THRESH_TEST,
+        max_detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+        pixel_mean=cfg.MODEL.PIXEL_MEAN,
+        pixel_std=cfg.MODEL.PIXEL_STD,
+    )

@@ -1,0 +1,24 @@
+"""Rank & Sort loss (Oksuz et al., ICCV 2021) as a base loss of MuSu-style dense detectors.
+
+``import musu_ranksort`` registers the ``MuSuRankSort`` META_ARCH and (through
+``musu.modeling.fcos_assigner``) the ``build_fcos_assigner`` assigner;
+``add_ranksort_config(cfg)`` adds ``cfg.MODEL.RANKSORT``.
+"""
+
+import musu  # noqa: F401  (registers MuSu, its backbone and datasets)
+import musu.modeling.fcos_assigner  # noqa: F401  (registers build_fcos_assigner)
+
+from .config import add_ranksort_config, validate_ranksort_config
+from .meta_arch import MuSuRankSort, merged_logits
+from .rank_sort import RankSortLoss, rank_sort_loss, smoothed_step
+
+__version__ = "0.1.0"
+__all__ = [
+    "add_ranksort_config",
+    "validate_ranksort_config",
+    "MuSuRankSort",
+    "merged_logits",
+    "RankSortLoss",
+    "rank_sort_loss",
+    "smoothed_step",
+]

@@ -1,0 +1,113 @@
+"""tools/compare.py: metrics parsing, table, and one tiny train (subprocess) + evaluate run."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+
+import musu  # noqa: F401  (registers datasets and the MuSu META_ARCH)
+from musu.data import register_coco_dataset
+from musu.data.synthetic import ensure_split
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tools"))  # compare.py is a script, not part of the package
+import compare  # noqa: E402
+
+MUSU_CFG = REPO_ROOT / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
+FCOS_CFG = REPO_ROOT / "configs" / "Synthetic" / "fcos_R_18_FPN_synthetic.yaml"
+TINY = [
+    "DATALOADER.NUM_WORKERS", "0",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.STEPS", "(1,)",
+    "SOLVER.WARMUP_ITERS", "1",
+    "SOLVER.CHECKPOINT_PERIOD", "100",
+    "INPUT.MIN_SIZE_TRAIN", "(128,)",
+    "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "128",
+    "INPUT.MAX_SIZE_TEST", "128",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tmp_path_factory: pytest.TempPathFactory) -> list:
+    """A 4-image synthetic split registered as train and test: [[name, json, images]]."""
+    paths = ensure_split("val", tmp_path_factory.mktemp("cmp"), num_images=4, seed=5, image_size=128)
+    name = "compare_tiny"
+    if name not in DatasetCatalog.list():
+        register_coco_dataset(name, paths.json_file, paths.image_root)
+    return [[name, str(paths.json_file), str(paths.image_root)]]
+
+
+def test_train_seconds_per_iter_is_median_after_skip(tmp_path: Path) -> None:
+    lines = [
+        {"iteration": 0, "time": 9.0},
+        {"iteration": 19, "time": 0.5, "total_loss": 1.0},
+        {"iteration": 39, "time": 0.7},
+        {"iteration": 59, "time": 0.6},
+        {"iteration": 59, "bbox/AP": 3.0},  # an evaluation entry has no time
+    ]
+    path = tmp_path / "metrics.json"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert compare.train_seconds_per_iter(path, skip_iters=10) == pytest.approx(0.6)
+    assert math.isnan(compare.train_seconds_per_iter(tmp_path / "absent.json"))
+
+
+def test_dataset_names_and_markdown_table() -> None:
+    assert compare.dataset_names("bccd") == ("bccd_train", "bccd_val")
+    assert compare.dataset_names("a, b") == ("a", "b")
+    assert compare.dataset_names(None) is None
+    with pytest.raises(ValueError):
+        compare.dataset_names("only_one")
+    table = compare.markdown_table(
+        {"m": {"AP": 12.345, "spearman": 0.5, "top1_iou": 0.7, "best_iou": 0.8,
+               "num_evaluated": 3.0}}  # fmt: skip
+    )
+    header, rule, row = table.strip().splitlines()
+    assert header.count("|") == rule.count("|") == row.count("|") == len(compare.COLUMNS) + 2
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "m" and cells[1] == "12.3" and cells[2] == "n/a"
+    assert "0.500" in cells and "0.700 / 0.800" in cells and cells[-1] == "3"
+
+
+def test_train_fcos_via_train_net_then_evaluate(tiny_split: list, tmp_path: Path) -> None:
+    name = tiny_split[0][0]
+    argv = [str(FCOS_CFG), "--dataset", f"{name},{name}", "--output", str(tmp_path),
+            "--max-iter", "3", "--warmup", "1", "--skip-iters", "0"]  # fmt: skip
+    for entry in tiny_split:
+        argv += ["--register", *entry]
+    rows = compare.main(argv + ["--opts", *TINY])
+    row = rows["fcos_R_18_FPN_synthetic"]
+    run_dir = tmp_path / "fcos_R_18_FPN_synthetic"
+    # Trained by train_net.py in a subprocess: its config says D2FCOS, its log says FCOS.
+    assert (run_dir / "model_final.pth").is_file()
+    assert "D2FCOS" in (run_dir / "config.yaml").read_text()
+    assert "FCOS(" in (run_dir / "log.txt").read_text()
+    assert row["train_s_per_iter"] > 0
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(row)
+    assert row["infer_s_per_image"] > 0
+    assert row["num_objects"] == row["post_nms_num_objects"] > 0  # both passes saw every object
+    # Disabling NMS can only add candidates around each object.
+    assert row["mean_overlap"] >= row["post_nms_mean_overlap"]
+    assert (tmp_path / "compare.md").read_text().startswith("| method |")
+    assert "fcos_R_18_FPN_synthetic" in json.loads((tmp_path / "compare.json").read_text())
+
+
+def test_eval_only_on_a_musu_checkpoint(tiny_split: list, tmp_path: Path) -> None:
+    name = tiny_split[0][0]
+    opts = compare.dataset_opts(f"{name},{name}") + TINY
+    cfg = compare.build_cfg(str(MUSU_CFG), opts)
+    model = compare.build_model(cfg)
+    torch.save({"model": model.state_dict()}, tmp_path / "musu.pth")
+    argv = [str(MUSU_CFG), "--dataset", f"{name},{name}", "--output", str(tmp_path),
+            "--eval-only", "--checkpoints", str(tmp_path / "musu.pth"), "--warmup", "1"]  # fmt: skip
+    rows = compare.main(argv + ["--opts", *TINY])
+    row = rows["musu_R_18_FPN_synthetic"]
+    assert math.isnan(row["train_s_per_iter"])  # no metrics.json beside this checkpoint
+    assert row["num_objects"] > 0 and row["infer_s_per_image"] > 0
+    assert (tmp_path / "compare.md").is_file()

@@ -1,0 +1,342 @@
+"""Crashes, restarts, configs and weights: nothing is lost, and every failure explains itself.
+
+* Atomic checkpoints: a write that fails half-way leaves the previous files intact.
+* SIGKILL of a ``train_net.py`` subprocess mid-training, then ``--resume``: training continues
+  from the last complete checkpoint with the right iteration, weights, optimizer state and LR.
+  The subprocess gets its tiny synthetic split through ``--register-coco NAME JSON IMAGE_ROOT``.
+* Unknown config keys / invalid values fail in ``train_net.setup`` naming the key.
+* Weights of a model with another number of classes or anchors load with the mismatching layers
+  reported in the log and the matching layers loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, List, Sequence
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
+from detectron2.solver import build_lr_scheduler, build_optimizer
+
+import musu
+from musu.data.synthetic import ensure_split
+from musu.engine import AtomicCheckpointer
+from musu.engine import checkpoint as checkpoint_module
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # train_net.py is a script at the root, not in the package
+import train_net  # noqa: E402
+
+SYNTHETIC_CONFIG = REPO / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic checkpoint writes.
+# --------------------------------------------------------------------------------------------
+
+
+_TORCH_SAVE = torch.save
+
+
+def _half_write_then_fail(data: Any, f: io.IOBase) -> None:
+    """Stand-in for torch.save killed mid-write: half the bytes reach the file, then an error."""
+    buffer = io.BytesIO()
+    _TORCH_SAVE(data, buffer)
+    payload = buffer.getvalue()
+    f.write(payload[: len(payload) // 2])
+    f.flush()
+    raise OSError("injected failure in the middle of a checkpoint write")
+
+
+def _loads(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_interrupted_save_leaves_previous_checkpoint_valid(tmp_path: Path, monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    checkpointer = AtomicCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000009", iteration=9)
+    good_bytes = (tmp_path / "model_0000009.pth").read_bytes()
+
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    monkeypatch.setattr(checkpoint_module.torch, "save", _half_write_then_fail)
+    with pytest.raises(OSError, match="injected failure"):
+        checkpointer.save("model_0000019", iteration=19)  # a new file
+    with pytest.raises(OSError, match="injected failure"):
+        checkpointer.save("model_0000009", iteration=9)  # overwriting an existing file
+    monkeypatch.undo()
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000009.pth"]
+    assert (tmp_path / "model_0000009.pth").read_bytes() == good_bytes
+    assert checkpointer.get_checkpoint_file() == str(tmp_path / "model_0000009.pth")
+    assert _loads(tmp_path / "model_0000009.pth")["iteration"] == 9
+
+    # Detectron2's own checkpointer, under the same failure, leaves a truncated file behind.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    monkeypatch.setattr(torch, "save", _half_write_then_fail)
+    with pytest.raises(OSError):
+        DetectionCheckpointer(model, str(plain)).save("model_0000019", iteration=19)
+    monkeypatch.undo()
+    assert (plain / "model_0000019.pth").is_file()
+    with pytest.raises(Exception):
+        _loads(plain / "model_0000019.pth")
+
+
+def test_interrupted_tag_keeps_last_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """A failure while re-tagging leaves ``last_checkpoint`` naming the previous complete file."""
+    checkpointer = AtomicCheckpointer(torch.nn.Linear(2, 2), str(tmp_path))
+    checkpointer.save("model_0000004", iteration=4)
+    real_replace = os.replace
+
+    def fail_on_tag(src: str, dst: str) -> None:
+        if os.path.basename(dst) == "last_checkpoint":
+            raise OSError("injected failure while tagging")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", fail_on_tag)
+    with pytest.raises(OSError, match="tagging"):
+        checkpointer.save("model_0000009", iteration=9)
+    monkeypatch.undo()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000004.pth"
+    assert _loads(tmp_path / "model_0000009.pth")["iteration"] == 9  # complete, just not tagged
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_stale_partial_files_are_removed_at_start(tmp_path: Path) -> None:
+    stale = tmp_path / f".model_0000019.pth.abc123{checkpoint_module.TMP_SUFFIX}"
+    stale.write_bytes(b"half a checkpoint")
+    other = tmp_path / "notes.txt"
+    other.write_text("kept")
+    AtomicCheckpointer(torch.nn.Linear(2, 2), str(tmp_path))
+    assert not stale.exists() and other.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# SIGKILL mid-training, then --resume.
+# --------------------------------------------------------------------------------------------
+
+MAX_ITER, PERIOD, WARMUP, STEP = 16, 3, 4, 6  # killed at >= 5: resumes past the LR step
+
+
+def _opts(dataset: str, output_dir: Path) -> List[str]:
+    return [
+        "MODEL.DEVICE", "cpu",
+        "OUTPUT_DIR", str(output_dir),
+        "DATASETS.TRAIN", f"('{dataset}',)",
+        "DATASETS.TEST", "()",
+        "DATALOADER.NUM_WORKERS", "0",
+        "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.MAX_ITER", str(MAX_ITER),
+        "SOLVER.STEPS", f"({STEP},)",
+        "SOLVER.WARMUP_ITERS", str(WARMUP),
+        "SOLVER.CHECKPOINT_PERIOD", str(PERIOD),
+        "INPUT.MIN_SIZE_TRAIN", "(64,)",
+        "INPUT.MAX_SIZE_TRAIN", "64",
+        "INPUT.MIN_SIZE_TEST", "64",
+        "INPUT.MAX_SIZE_TEST", "64",
+    ]  # fmt: skip
+
+
+def _wait_for_checkpoint(output_dir: Path, process: subprocess.Popen, min_iter: int) -> None:
+    deadline = time.monotonic() + 240
+    tag = output_dir / "last_checkpoint"
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "training ended before it could be killed"
+        if tag.is_file():
+            name = tag.read_text().strip()
+            if name.startswith("model_") and name[6:13].isdigit() and int(name[6:13]) >= min_iter:
+                return
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint written in time")
+
+
+def test_sigkill_then_resume_continues_from_last_complete_checkpoint(tmp_path: Path) -> None:
+    split = ensure_split("train", tmp_path / "data", num_images=6, seed=31, image_size=64)
+    dataset, output_dir = "reliability_kill_train", tmp_path / "run"
+    register = ["--register-coco", dataset, split.json_file, split.image_root]
+    argv = ["--config-file", str(SYNTHETIC_CONFIG), *register]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train_net.py"), *argv, *_opts(dataset, output_dir)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_checkpoint(output_dir, process, min_iter=2 * PERIOD - 1)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+
+    # Every file a loader could pick up is complete; the tag names one of them.
+    tagged = output_dir / (output_dir / "last_checkpoint").read_text().strip()
+    for path in output_dir.glob("*.pth"):
+        _loads(path)
+    checkpoint = _loads(tagged)
+    last_iter = checkpoint["iteration"]
+    assert last_iter >= 2 * PERIOD - 1 and (last_iter + 1) % PERIOD == 0
+    assert last_iter < MAX_ITER - 1, "the run finished before the kill"
+
+    # Resume in-process exactly as `train_net.py --resume` does.
+    args = train_net.argument_parser().parse_args([*argv, "--resume", *_opts(dataset, output_dir)])
+    train_net.register_datasets(args)
+    cfg = train_net.setup(args)
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    assert trainer.start_iter == last_iter + 1
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, checkpoint["model"][name]), name
+    momentum = [s["momentum_buffer"] for s in trainer.optimizer.state_dict()["state"].values()]
+    saved = checkpoint["trainer"]["_trainer"]["optimizer"]["state"].values()
+    saved = [s["momentum_buffer"] for s in saved]
+    assert len(momentum) == len(saved) > 0
+    assert all(torch.equal(a, b) for a, b in zip(momentum, saved))
+
+    # The learning rate is the schedule's value at the first resumed iteration.
+    reference = build_optimizer(cfg, build_model(cfg))
+    scheduler = build_lr_scheduler(cfg, reference)
+    for _ in range(last_iter + 1):
+        reference.step()
+        scheduler.step()
+    expected_lr = reference.param_groups[0]["lr"]
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected_lr, rel=1e-12)
+    assert expected_lr != pytest.approx(cfg.SOLVER.BASE_LR)  # warmup/step make the check bite
+
+    trainer.train()
+    final = _loads(output_dir / "model_final.pth")
+    assert final["iteration"] == MAX_ITER - 1
+    assert (output_dir / "last_checkpoint").read_text() == "model_final.pth"
+    assert not [p for p in output_dir.iterdir() if p.name.endswith(checkpoint_module.TMP_SUFFIX)]
+
+
+# --------------------------------------------------------------------------------------------
+# Config errors at start-up.
+# --------------------------------------------------------------------------------------------
+
+
+def _setup(tmp_path: Path, opts: Sequence[str], config_file: Path = SYNTHETIC_CONFIG) -> CfgNode:
+    argv = ["--config-file", str(config_file), "OUTPUT_DIR", str(tmp_path / "out"), *opts]
+    return train_net.setup(train_net.argument_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    "opts, error, names",
+    [
+        (["MODEL.MUSU.NOPE", "1"], KeyError, "MODEL.MUSU.NOPE"),
+        (["SOLVER.BASE_LRR", "0.1"], KeyError, "SOLVER.BASE_LRR"),
+        (["MODEL.MUSU.ALPHA", "1.5"], ValueError, "MODEL.MUSU.ALPHA"),
+        (["MODEL.MUSU.NUM_CLASSES", "0"], ValueError, "MODEL.MUSU.NUM_CLASSES"),
+        (["MODEL.MUSU.BAG_THRESHOLD", "'high'"], ValueError, "MODEL.MUSU.BAG_THRESHOLD"),
+        (["MODEL.MUSU.CRITERION", "'both'"], ValueError, "MODEL.MUSU.CRITERION"),
+    ],
+)
+def test_bad_config_fails_in_setup_naming_the_key(
+    tmp_path: Path, opts: List[str], error: type, names: str
+) -> None:
+    with pytest.raises(error) as raised:
+        _setup(tmp_path, opts)
+    assert names in str(raised.value)
+    assert not (tmp_path / "out").exists()  # failed before default_setup wrote anything
+
+
+def test_unknown_key_in_config_file_fails_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "typo.yaml"
+    config.write_text(f'_BASE_: "{SYNTHETIC_CONFIG}"\nMODEL:\n  MUSU:\n    TEMPERATUR: 5.0\n')
+    with pytest.raises(KeyError, match="MODEL.MUSU.TEMPERATUR"):
+        _setup(tmp_path, [], config_file=config)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights trained with another number of classes or anchors.
+# --------------------------------------------------------------------------------------------
+
+
+def _model(overrides: Sequence[Any], seed: int) -> torch.nn.Module:
+    cfg = get_cfg()
+    musu.add_musu_config(cfg)
+    cfg.merge_from_file(str(SYNTHETIC_CONFIG))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *overrides])
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, mismatched",
+    [
+        (["MODEL.MUSU.NUM_CLASSES", 3], {"head.cls_score.weight", "head.cls_score.bias"}),
+        (
+            ["MODEL.MUSU.NUM_ANCHORS", 3],
+            {
+                f"head.{layer}.{kind}"
+                for layer in ("cls_score", "bbox_pred", "objectness")
+                for kind in ("weight", "bias")
+            },
+        ),
+    ],
+)
+def test_mismatching_weights_are_reported_and_matching_loaded(
+    tmp_path: Path, overrides: List[Any], mismatched: set
+) -> None:
+    source = _model([], seed=1)  # 5 classes, 1 anchor
+    AtomicCheckpointer(source, str(tmp_path)).save("source")
+    target = _model(overrides, seed=2)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+
+    capture = _Capture()
+    fvcore_logger = logging.getLogger("fvcore.common.checkpoint")
+    fvcore_logger.addHandler(capture)
+    try:
+        # What Trainer.resume_or_load(resume=False) does with MODEL.WEIGHTS.
+        AtomicCheckpointer(target, str(tmp_path / "new")).resume_or_load(
+            str(tmp_path / "source.pth"), resume=False
+        )
+    finally:
+        fvcore_logger.removeHandler(capture)
+
+    log = "\n".join(capture.messages)
+    for name in mismatched:
+        assert f"Skip loading parameter '{name}'" in log, name
+    assert log.count("Skip loading parameter") == len(mismatched)
+    assert "shapes" in log and "not found in the checkpoint" in log
+
+    source_state = source.state_dict()
+    for name, value in target.state_dict().items():
+        if name in mismatched:
+            assert torch.equal(value, before[name]), name  # left as initialized
+        elif name in source_state and source_state[name].shape == value.shape:
+            assert torch.equal(value, source_state[name]), name  # loaded
+    assert not torch.equal(
+        before["head.cls_subnet.0.weight"], source_state["head.cls_subnet.0.weight"]
+    )

@@ -1,0 +1,333 @@
+#!/usr/bin/env python
+"""Train and evaluate detectors side by side with identical budgets; print one table.
+
+    python tools/compare.py --dataset synthetic --output /tmp/runs/compare/synthetic \
+        configs/Synthetic/musu_R_18_FPN_synthetic.yaml configs/Synthetic/fcos_R_18_FPN_synthetic.yaml
+    python tools/compare.py --eval-only --checkpoints a/model_final.pth b/model_final.pth ... CFG_A CFG_B
+
+How it runs (per config, one after the other):
+
+1. Training: a subprocess running the root ``train_net.py`` exactly as a user would
+   (``train_net.py --config-file CFG OUTPUT_DIR <output>/<config name> [--max-iter opts]``), with
+   ``musu.modeling.fcos_adaptor`` imported first so that the META_ARCH "D2FCOS" is registered
+   even before ``musu`` imports it itself. Its stdout/stderr go to ``<run dir>/train_stdout.log``.
+   With ``--reuse`` a run dir that already holds ``model_final.pth`` is not trained again.
+2. Evaluation, in-process, on the config's ``DATASETS.TEST[0]`` (or ``--dataset``):
+   pass 1 with the config's own inference settings: ``COCOEvaluator`` (AP...) and wall-clock
+   model time per image (batch 1, after ``--warmup`` images); pass 2 with NMS disabled
+   (``musu.evaluation.PRE_NMS_OPTS``): ``ConsistencyEvaluator`` on the pre-NMS candidates.
+3. Training s/iter: median of the ``time`` entries (Detectron2's per-iteration time, a
+   20-iteration median) in the run's ``metrics.json``, skipping the first ``--skip-iters``.
+
+Outputs ``<output>/compare.md`` and ``<output>/compare.json`` and prints the Markdown table.
+Datasets: ``--dataset synthetic`` / ``bccd`` (built-in), ``--dataset TRAIN,TEST`` (registered
+names), or ``--register NAME JSON IMAGE_ROOT`` (repeatable) for any COCO-format folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, inference_on_dataset
+from detectron2.modeling import build_model
+from torch import nn
+
+import musu
+from musu.data import register_coco_dataset
+from musu.evaluation import PRE_NMS_OPTS, ConsistencyEvaluator
+from musu.modeling.fcos_adaptor import add_fcos_adaptor_config
+
+logger = logging.getLogger("musu.compare")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUILTIN = {
+    "synthetic": ("musu_synthetic_train", "musu_synthetic_val"),
+    "bccd": ("bccd_train", "bccd_val"),
+}
+REGISTER_ENV = "MUSU_COMPARE_REGISTER"
+# Run train_net.py as __main__ after registering the adaptor and any --register datasets.
+_BOOT = (
+    "import json, os, runpy, sys\n"
+    "import musu, musu.modeling.fcos_adaptor\n"
+    "from musu.data import register_coco_dataset\n"
+    f"for n, j, r in json.loads(os.environ.get('{REGISTER_ENV}', '[]')):\n"
+    "    register_coco_dataset(n, j, r)\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+COLUMNS = [
+    ("AP", "AP", "{:.1f}"),
+    ("AP50", "AP50", "{:.1f}"),
+    ("AP75", "AP75", "{:.1f}"),
+    ("APs", "APs", "{:.1f}"),
+    ("APm", "APm", "{:.1f}"),
+    ("APl", "APl", "{:.1f}"),
+    ("train_s_per_iter", "train s/iter", "{:.3f}"),
+    ("infer_s_per_image", "infer s/img", "{:.4f}"),
+    ("spearman", "rank corr (pre-NMS)", "{:.3f}"),
+    ("top1", "top-1 = best IoU (pre-NMS)", "{:.3f}"),
+    ("top1_iou", "IoU of top-1 / best", "{}"),
+    ("num_evaluated", "objects (>=2 cand.)", "{}"),
+]
+
+
+def dataset_names(dataset: Optional[str]) -> Optional[tuple]:
+    """(train, test) names for --dataset, or None to keep each config's own."""
+    if dataset is None:
+        return None
+    if dataset in BUILTIN:
+        return BUILTIN[dataset]
+    names = tuple(n.strip() for n in dataset.split(","))
+    if len(names) != 2 or not all(names):
+        raise ValueError(f"--dataset must be synthetic, bccd or TRAIN,TEST; got {dataset!r}")
+    return names
+
+
+def dataset_opts(dataset: Optional[str]) -> List[str]:
+    """Config overrides selecting --dataset (train/test names and class count)."""
+    names = dataset_names(dataset)
+    if names is None:
+        return []
+    train, test = names
+    opts = ["DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{test}',)"]
+    classes = MetadataCatalog.get(train).get("thing_classes", None)
+    if classes is None:  # registered COCO sets fill thing_classes when first loaded
+        DatasetCatalog.get(train)
+        classes = MetadataCatalog.get(train).get("thing_classes", None)
+    if classes:
+        opts += ["MODEL.MUSU.NUM_CLASSES", str(len(classes))]
+    return opts
+
+
+def build_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
+    """The config train_net.py builds (defaults + MODEL.MUSU + MODEL.FCOS_ADAPTOR + file + opts)."""
+    cfg = get_cfg()
+    musu.add_musu_config(cfg)
+    add_fcos_adaptor_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    musu.validate_musu_config(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def train_command(config_file: str, run_dir: Path, opts: Sequence[str]) -> List[str]:
+    """The subprocess command: train_net.py with the adaptor registered first."""
+    return [
+        sys.executable,
+        "-c",
+        _BOOT,
+        str(REPO_ROOT / "train_net.py"),
+        "--config-file",
+        str(config_file),
+        *opts,
+        "OUTPUT_DIR",
+        str(run_dir),
+    ]
+
+
+def train(config_file: str, run_dir: Path, opts: Sequence[str], registered: list) -> float:
+    """Train through train_net.py in a subprocess; returns wall seconds; raises on failure."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = train_command(config_file, run_dir, opts)
+    env = dict(os.environ, **{REGISTER_ENV: json.dumps(registered)})
+    logger.info("Training: %s", " ".join(command[3:]))
+    start = time.perf_counter()
+    with open(run_dir / "train_stdout.log", "w") as log:
+        result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+    if result.returncode != 0:
+        raise RuntimeError(f"training failed ({result.returncode}); see {run_dir}/train_stdout.log")
+    return time.perf_counter() - start
+
+
+def train_seconds_per_iter(metrics_json: Path, skip_iters: int = 20) -> float:
+    """Median of Detectron2's ``time`` entries in metrics.json after ``skip_iters``; nan if none."""
+    if not metrics_json.is_file():
+        return float("nan")
+    times = []
+    for line in metrics_json.read_text().splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        if "time" in entry and entry.get("iteration", -1) >= skip_iters:
+            times.append(float(entry["time"]))
+    return statistics.median(times) if times else float("nan")
+
+
+class _TimedModel(nn.Module):
+    """Wraps a model; accumulates forward wall time after ``warmup`` calls (batch-1 loader)."""
+
+    def __init__(self, model: nn.Module, warmup: int) -> None:
+        super().__init__()
+        self.model, self.warmup = model, warmup
+        self.calls, self.images, self.seconds = 0, 0, 0.0
+
+    def forward(self, inputs):  # noqa: D401 - same contract as the wrapped model
+        start = time.perf_counter()
+        outputs = self.model(inputs)
+        elapsed = time.perf_counter() - start
+        self.calls += 1
+        if self.calls > self.warmup:
+            self.images += len(inputs)
+            self.seconds += elapsed
+        return outputs
+
+
+def _load_model(cfg: CfgNode, checkpoint: str) -> nn.Module:
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(checkpoint)
+    model.eval()
+    return model
+
+
+def evaluate(
+    config_file: str,
+    checkpoint: str,
+    opts: Sequence[str],
+    output_dir: Path,
+    warmup: int = 5,
+    max_images: int = 0,
+) -> Dict[str, float]:
+    """COCO AP + inference s/image (config's settings) and pre-NMS consistency, in-process."""
+    cfg = build_cfg(config_file, opts)
+    dataset = cfg.DATASETS.TEST[0]
+    loader = build_detection_test_loader(cfg, dataset)
+    if max_images > 0:
+        loader = _limited(loader, max_images)
+    timed = _TimedModel(_load_model(cfg, checkpoint), warmup)
+    coco = COCOEvaluator(dataset, output_dir=str(output_dir / "inference"))
+    post_nms = ConsistencyEvaluator(dataset)
+    results = inference_on_dataset(timed, loader, DatasetEvaluators([coco, post_nms]))
+    row: Dict[str, float] = dict(results.get("bbox", {}))
+    row["infer_s_per_image"] = timed.seconds / timed.images if timed.images else float("nan")
+    row.update({f"post_nms_{k}": v for k, v in results["consistency"].items()})
+
+    pre_cfg = build_cfg(config_file, list(opts) + PRE_NMS_OPTS)
+    pre_model = _load_model(pre_cfg, checkpoint)
+    pre_loader = build_detection_test_loader(pre_cfg, dataset)
+    if max_images > 0:
+        pre_loader = _limited(pre_loader, max_images)
+    pre = inference_on_dataset(pre_model, pre_loader, ConsistencyEvaluator(dataset))
+    row.update(pre["consistency"])
+    row["dataset"] = dataset
+    return row
+
+
+class _limited:  # noqa: N801 - a tiny iterable wrapper with len(), as inference_on_dataset needs
+    def __init__(self, loader, count: int) -> None:
+        self.loader, self.count = loader, count
+
+    def __len__(self) -> int:
+        return min(self.count, len(self.loader))
+
+    def __iter__(self):
+        for index, batch in enumerate(self.loader):
+            if index >= self.count:
+                return
+            yield batch
+
+
+def _format(value, fmt: str) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
+    if fmt == "{}" and isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return fmt.format(value)
+
+
+def markdown_table(rows: Dict[str, Dict[str, float]]) -> str:
+    """One Markdown table: a row per method, the COLUMNS above."""
+    header = "| method | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, row in rows.items():
+        cells = []
+        for key, _, fmt in COLUMNS:
+            if key == "top1_iou":
+                cells.append(
+                    f"{_format(row.get('top1_iou', float('nan')), '{:.3f}')} / "
+                    f"{_format(row.get('best_iou', float('nan')), '{:.3f}')}"
+                )
+            else:
+                cells.append(_format(row.get(key, float("nan")), fmt))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("configs", nargs="+", help="config files, one per method")
+    parser.add_argument("--dataset", default=None, help="synthetic | bccd | TRAIN,TEST names")
+    parser.add_argument(
+        "--register", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGES"),
+        help="register a COCO-format dataset under NAME (here and in the training subprocess)",
+    )  # fmt: skip
+    parser.add_argument("--output", default="/tmp/runs/compare", help="output folder")
+    parser.add_argument("--max-iter", type=int, default=0, help="override SOLVER.MAX_ITER (all)")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoints only")
+    parser.add_argument("--checkpoints", nargs="*", default=[], help="one per config")
+    parser.add_argument("--reuse", action="store_true", help="skip training if final exists")
+    parser.add_argument("--warmup", type=int, default=5, help="images not timed at inference")
+    parser.add_argument("--max-eval-images", type=int, default=0, help="0: whole test set")
+    parser.add_argument("--skip-iters", type=int, default=20, help="iterations not timed")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE for all")
+    args = parser.parse_args(argv)
+    if args.eval_only and len(args.checkpoints) != len(args.configs):
+        parser.error("--eval-only needs one --checkpoints path per config")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
+    for name, json_file, image_root in args.register:
+        if name not in DatasetCatalog.list():  # already registered in this process: keep it
+            register_coco_dataset(name, json_file, image_root)
+    opts = dataset_opts(args.dataset) + list(args.opts)
+    if args.max_iter > 0:
+        opts += ["SOLVER.MAX_ITER", str(args.max_iter)]
+    output = Path(args.output)
+    rows: Dict[str, Dict[str, float]] = {}
+    for index, config_file in enumerate(args.configs):
+        name = Path(config_file).stem
+        run_dir = output / name
+        if args.eval_only:
+            checkpoint = args.checkpoints[index]
+            metrics = Path(checkpoint).resolve().parent / "metrics.json"
+        else:
+            checkpoint = str(run_dir / "model_final.pth")
+            metrics = run_dir / "metrics.json"
+            if not (args.reuse and Path(checkpoint).is_file()):
+                train(config_file, run_dir, opts, args.register)
+        row = evaluate(
+            config_file, checkpoint, opts, run_dir, args.warmup, args.max_eval_images
+        )
+        row["train_s_per_iter"] = train_seconds_per_iter(metrics, args.skip_iters)
+        row.update(config=str(config_file), checkpoint=str(checkpoint))
+        rows[name] = row
+        logger.info("%s: %s", name, row)
+    table = markdown_table(rows)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "compare.md").write_text(table)
+    (output / "compare.json").write_text(json.dumps(rows, indent=2, default=float))
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

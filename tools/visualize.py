@@ -1,0 +1,362 @@
+#!/usr/bin/env python
+"""Figures of the paper's claims, one PNG per command (matplotlib, CPU).
+
+    # Fig. 1: per-location class confidence next to IoU with the ground truth, MuSu vs FCOS
+    python tools/visualize.py consistency --out fig1.png --dataset musu_synthetic_val --image 0 \
+        --model MuSu CFG_A WEIGHTS_A --model FCOS CFG_B WEIGHTS_B
+    # Fig. 2: where the assigner puts classification and regression weight on a training image
+    python tools/visualize.py assignment --out fig2.png CFG WEIGHTS --dataset musu_synthetic_train
+    # Fig. 3: learned anchor shapes (A > 1) from the regression biases, against the initial ones
+    python tools/visualize.py anchors --out fig3.png CFG WEIGHTS
+    # Loss and AP curves of compared runs from Detectron2's metrics.json
+    python tools/visualize.py curves --out curves.png --run MuSu RUN_DIR_A --run FCOS RUN_DIR_B
+
+Confidence is the score each detector ranks by in NMS: MuSu ``sigmoid(cls) * sigmoid(obj)``,
+FCOS ``sqrt(sigmoid(cls) * sigmoid(ctr))``, for the object's class. Maps are shown at the FPN level
+holding the object's highest-confidence overlapping location; both maps mark the arg-max of
+confidence (x) and of IoU (+), and the title gives their Spearman correlation over locations
+whose box overlaps the object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from detectron2.data import DatasetCatalog  # noqa: E402
+from detectron2.data import detection_utils as utils  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.modeling.meta_arch.fcos import FCOS  # noqa: E402
+from detectron2.structures import BoxMode  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from torch import Tensor  # noqa: E402
+from torchvision.ops import box_iou  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import _load_model, build_cfg  # noqa: E402
+
+from musu.evaluation import spearman  # noqa: E402
+from musu.modeling import MuSu, MuSuHead  # noqa: E402
+from musu.modeling.head import initial_anchor_shapes  # noqa: E402
+from musu.modeling.meta_arch import anchor_points, decode_boxes  # noqa: E402
+
+# ----------------------------------------------------------------------------- data + model
+
+
+def load_example(cfg, dataset: str, index: int) -> Tuple[np.ndarray, Tensor, Tensor]:
+    """Test-resized RGB image (H, W, 3), its GT boxes (M, 4) XYXY and classes (M,)."""
+    record = DatasetCatalog.get(dataset)[index]
+    image = utils.read_image(record["file_name"], format=cfg.INPUT.FORMAT)
+    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    transform = resize.get_transform(image)
+    image = transform.apply_image(image)
+    annotations = [a for a in record["annotations"] if not a.get("iscrowd", 0)]
+    boxes = np.array(
+        [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations],
+        dtype=np.float64,
+    ).reshape(-1, 4)
+    boxes = transform.apply_box(boxes) if len(boxes) else boxes
+    classes = torch.tensor([a["category_id"] for a in annotations], dtype=torch.long)
+    rgb = utils.convert_image_to_rgb(image, cfg.INPUT.FORMAT)
+    return rgb, torch.as_tensor(boxes, dtype=torch.float32), classes
+
+
+def run_head(model, image: np.ndarray, cfg) -> Tuple[List[Tensor], List[List[Tensor]]]:
+    """Backbone features and raw head outputs of one image (already test-resized)."""
+    bgr_or_rgb = image if cfg.INPUT.FORMAT == "RGB" else image[:, :, ::-1]
+    tensor = torch.as_tensor(np.ascontiguousarray(bgr_or_rgb.transpose(2, 0, 1))).float()
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": tensor}])
+        features = model.backbone(images.tensor)
+        features = [features[f] for f in model.head_in_features]
+        predictions = model.head(features)
+    return features, predictions
+
+
+def dense_maps(model, cfg, image: np.ndarray) -> List[Dict[str, Tensor]]:
+    """Per level: "scores" (H, W, A, C) ranking scores, "boxes" (H, W, A, 4), "stride"."""
+    features, predictions = run_head(model, image, cfg)
+    levels = []
+    with torch.no_grad():
+        if isinstance(model, MuSu):
+            logits, box_reg, objectness = model._flatten_predictions(predictions)
+            for level, feature in enumerate(features):
+                height, width = feature.shape[-2:]
+                stride = model.strides[level]
+                points, strides = anchor_points(
+                    [(height, width)], [stride], model.num_anchors, feature.device
+                )
+                scores = logits[level][0].sigmoid() * objectness[level][0].sigmoid()[:, None]
+                boxes = decode_boxes(points, strides, box_reg[level][0])
+                shape = (height, width, model.num_anchors)
+                levels.append(
+                    {"scores": scores.reshape(*shape, -1), "boxes": boxes.reshape(*shape, 4),
+                     "stride": stride}  # fmt: skip
+                )
+        elif isinstance(model, FCOS):
+            logits, deltas, centerness = model._transpose_dense_predictions(
+                predictions, [model.num_classes, 4, 1]
+            )
+            anchors = model.anchor_generator(features)
+            for level, feature in enumerate(features):
+                height, width = feature.shape[-2:]
+                scores = torch.sqrt(logits[level][0].sigmoid() * centerness[level][0].sigmoid())
+                boxes = model.box2box_transform.apply_deltas(
+                    deltas[level][0], anchors[level].tensor
+                )
+                stride = int(round(float(anchors[level].tensor[0, 2] - anchors[level].tensor[0, 0])))
+                levels.append(
+                    {"scores": scores.reshape(height, width, 1, -1),
+                     "boxes": boxes.reshape(height, width, 1, 4), "stride": stride}  # fmt: skip
+                )
+        else:
+            raise TypeError(f"unsupported model type {type(model).__name__}")
+    return levels
+
+
+def object_maps(levels, gt_box: Tensor, gt_class: int) -> Dict[str, object]:
+    """Confidence and IoU maps (H, W) at the level holding the best-confidence overlapping slot."""
+    best = None
+    for level in levels:
+        conf = level["scores"][..., gt_class]  # (H, W, A)
+        iou = box_iou(level["boxes"].reshape(-1, 4), gt_box[None]).reshape(conf.shape)
+        top = float((conf * (iou > 0)).max())
+        if best is None or top > best[0]:
+            best = (top, level, conf, iou)
+    _, level, conf, iou = best
+    # Per location: the slot (of A) with the highest confidence, its IoU.
+    slot = conf.argmax(dim=-1, keepdim=True)  # (H, W, 1)
+    conf_map = conf.gather(-1, slot)[..., 0]
+    iou_map = iou.gather(-1, slot)[..., 0]
+    overlap = (iou_map > 0).flatten()
+    rho = spearman(conf_map.flatten()[overlap].numpy(), iou_map.flatten()[overlap].numpy())
+    return {"conf": conf_map.numpy(), "iou": iou_map.numpy(), "stride": level["stride"], "rho": rho}
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _box(ax, box, colour="lime", style="-") -> None:
+    x0, y0, x1, y1 = [float(v) for v in box]
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=1.5, ls=style))
+
+
+def _argmax_cell(values: np.ndarray, stride: int) -> Tuple[float, float]:
+    i, j = np.unravel_index(int(np.argmax(values)), values.shape)
+    return (j + 0.5) * stride, (i + 0.5) * stride
+
+
+def figure_consistency(args) -> None:
+    models = [(name, build_cfg(cfg_file, args.opts), weights) for name, cfg_file, weights in args.model]
+    rgb, gt_boxes, gt_classes = load_example(models[0][1], args.dataset, args.image)
+    if len(gt_boxes) == 0:
+        raise ValueError(f"image {args.image} of {args.dataset} has no objects")
+    areas = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])
+    obj = int(areas.argmax()) if args.object < 0 else args.object
+    fig, axes = plt.subplots(len(models), 3, figsize=(11, 3.6 * len(models)), squeeze=False)
+    for row, (name, cfg, weights) in enumerate(models):
+        model = _load_model(cfg, weights)
+        maps = object_maps(dense_maps(model, cfg, rgb), gt_boxes[obj], int(gt_classes[obj]))
+        stride = maps["stride"]
+        extent = (0, maps["conf"].shape[1] * stride, maps["conf"].shape[0] * stride, 0)
+        axes[row, 0].imshow(rgb)
+        _box(axes[row, 0], gt_boxes[obj])
+        axes[row, 0].set_title(f"{name}: image, object {obj}")
+        for col, key, title in [(1, "conf", "class confidence"), (2, "iou", "IoU with GT")]:
+            ax = axes[row, col]
+            im = ax.imshow(maps[key], cmap="inferno", extent=extent, vmin=0, interpolation="nearest")
+            _box(ax, gt_boxes[obj])
+            cx, cy = _argmax_cell(maps["conf"] * (maps["iou"] > 0), stride)
+            ix, iy = _argmax_cell(maps["iou"], stride)
+            ax.plot(cx, cy, "x", color="cyan", ms=10, mew=2, label="max confidence (IoU > 0)")
+            ax.plot(ix, iy, "+", color="lime", ms=12, mew=2, label="max IoU")
+            ax.set_xlim(0, rgb.shape[1])
+            ax.set_ylim(rgb.shape[0], 0)
+            ax.set_title(f"{title} (stride {stride})")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        axes[row, 1].legend(loc="lower right", fontsize=7)
+        axes[row, 2].set_xlabel(f"Spearman(conf, IoU) over overlapping cells = {maps['rho']:.2f}")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+def figure_assignment(args) -> None:
+    cfg = build_cfg(args.config, args.opts)
+    model = _load_model(cfg, args.weights)
+    if not isinstance(model, MuSu):
+        raise TypeError("the assignment figure needs a MuSu model (its assigner)")
+    rgb, gt_boxes, gt_classes = load_example(cfg, args.dataset, args.image)
+    features, predictions = run_head(model, rgb, cfg)
+    with torch.no_grad():
+        logits, box_reg, objectness = model._flatten_predictions(predictions)
+        points, strides = model._points(features)  # (R, 2), (R,)
+        cls_logits, log_dist = torch.cat(logits, 1), torch.cat(box_reg, 1)  # (1, R, C), (1, R, 4)
+        scores = cls_logits.sigmoid() * torch.cat(objectness, 1).sigmoid()[..., None]
+        pred_boxes = decode_boxes(points, strides, log_dist)
+        assignment = model.assigner(points, scores, pred_boxes, [gt_boxes], [gt_classes])
+    sizes = [tuple(f.shape[-2:]) for f in features]
+    counts = [h * w * model.num_anchors for h, w in sizes]
+    cls_w = assignment.cls_weight[0].split(counts)
+    reg_w = assignment.reg_weight[0].split(counts)
+    used = [i for i in range(len(sizes)) if float(cls_w[i].max() + reg_w[i].max()) > 0]
+    used = used or [0]
+    fig, axes = plt.subplots(
+        2, len(used), figsize=(3.8 * len(used) + 1, 7.6), squeeze=False, layout="constrained"
+    )
+    for col, level in enumerate(used):
+        h, w = sizes[level]
+        stride = model.strides[level]
+        extent = (0, w * stride, h * stride, 0)
+        for row, (weights, head) in enumerate([(cls_w, "classification"), (reg_w, "regression")]):
+            ax = axes[row, col]
+            grid = weights[level].reshape(h, w, model.num_anchors).max(dim=-1).values.numpy()
+            ax.imshow(rgb, alpha=0.55)
+            masked = np.ma.masked_where(grid <= 0, grid)
+            im = ax.imshow(masked, cmap="viridis", extent=extent, vmin=0, vmax=1,
+                           alpha=0.9, interpolation="nearest")  # fmt: skip
+            for box in gt_boxes:
+                _box(ax, box, "red")
+            ax.set_xlim(0, rgb.shape[1])
+            ax.set_ylim(rgb.shape[0], 0)
+            ax.set_title(f"{head} weight, stride {stride}")
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.03, label="weight (max over A slots)")
+    fig.suptitle(
+        f"MuSu assignment, {args.dataset}[{args.image}], {len(gt_boxes)} objects "
+        f"({Path(args.weights).name}); blank = weight 0"
+    )
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+def learned_anchor_boxes(head: MuSuHead) -> Tensor:
+    """(L, A, 4) (l, t, r, b) in strides of each slot's box at a zero feature: exp(scale * bias)."""
+    bias = head.bbox_pred.bias.detach().reshape(head.num_anchors, 4)  # (A, 4)
+    scales = head.scales.detach()  # (L,)
+    return (scales[:, None, None] * bias[None]).exp()
+
+
+def figure_anchors(args) -> None:
+    cfg = build_cfg(args.config, args.opts)
+    model = _load_model(cfg, args.weights)
+    head = model.head
+    if not isinstance(head, MuSuHead):
+        raise TypeError("the anchors figure needs a MuSu model")
+    learned = learned_anchor_boxes(head).numpy()  # (L, A, 4)
+    musu_cfg = cfg.MODEL.MUSU
+    init_shapes = initial_anchor_shapes(
+        musu_cfg.NUM_ANCHORS, musu_cfg.ANCHOR_SCALE_RANGE, musu_cfg.ANCHOR_ASPECT_RATIO_RANGE,
+        musu_cfg.ANCHOR_INIT_SEED,
+    )  # fmt: skip
+    initial = MuSuHead.anchor_bias(init_shapes).reshape(-1, 4).exp().numpy()  # (A, 4)
+    levels = len(learned)
+    colours = plt.cm.tab10(np.arange(head.num_anchors))
+    fig, axes = plt.subplots(1, levels, figsize=(3.2 * levels, 3.6), squeeze=False)
+    limit = float(max(learned.max(), initial.max())) * 1.1
+    for level in range(levels):
+        ax = axes[0, level]
+        ax.add_patch(Rectangle((-0.5, -0.5), 1, 1, fill=False, ec="gray", ls="--", lw=1))
+        for a in range(head.num_anchors):
+            l, t, r, b = learned[level, a]
+            ax.add_patch(Rectangle((-l, -t), l + r, t + b, fill=False, ec=colours[a], lw=2,
+                                   label=f"slot {a}: {l + r:.1f}x{t + b:.1f}"))  # fmt: skip
+            l0, t0, r0, b0 = initial[a]
+            ax.add_patch(Rectangle((-l0, -t0), l0 + r0, t0 + b0, fill=False, ec=colours[a],
+                                   lw=1, ls=":"))  # fmt: skip
+        ax.set_xlim(-limit, limit)
+        ax.set_ylim(limit, -limit)
+        ax.set_aspect("equal")
+        ax.set_title(f"{model.head_in_features[level]} (scale {float(head.scales[level]):.2f})")
+        ax.legend(fontsize=6, loc="lower right")
+        ax.set_xlabel("strides")
+    fig.suptitle(
+        f"Anchor boxes (w x h in strides) from the regression bias: solid = {Path(args.weights).name}, "
+        "dotted = initial; dashed = one feature cell",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+def read_metrics(path: Path) -> List[dict]:
+    """Entries of a Detectron2 metrics.json (one JSON object per line)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def figure_curves(args) -> None:
+    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, run_dir in args.run:
+        entries = read_metrics(Path(run_dir) / "metrics.json")
+        train = [e for e in entries if "total_loss" in e]
+        iters = [e["iteration"] for e in train]
+        line = ax_loss.plot(iters, [e["total_loss"] for e in train], lw=2, label=f"{name} total")[0]
+        loss_keys = sorted({k for e in train for k in e if k.startswith("loss_")})
+        for style, key in zip(["--", ":", "-."], loss_keys):
+            ax_loss.plot(iters, [e.get(key, math.nan) for e in train], style,
+                         color=line.get_color(), lw=1, label=f"{name} {key}")  # fmt: skip
+        evals = [e for e in entries if "bbox/AP" in e]
+        if not evals:
+            print(f"note: {run_dir}/metrics.json has no bbox/AP entries (TEST.EVAL_PERIOD 0?)")
+        for marker, key in [("o", "bbox/AP"), ("s", "bbox/AP75"), ("^", "bbox/AP50")]:
+            ax_ap.plot([e["iteration"] for e in evals], [e[key] for e in evals], marker=marker,
+                       color=line.get_color(), label=f"{name} {key[5:]}")  # fmt: skip
+    ax_loss.set_xlabel("iteration")
+    ax_loss.set_ylabel("loss (each detector's own definitions)")
+    ax_loss.set_yscale("log")
+    ax_loss.legend(fontsize=7)
+    ax_ap.set_xlabel("iteration")
+    ax_ap.set_ylabel("COCO AP on the test set")
+    ax_ap.legend(fontsize=7)
+    ax_ap.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("consistency", help="Fig. 1: confidence vs IoU maps")
+    p.add_argument("--model", nargs=3, action="append", required=True,
+                   metavar=("NAME", "CONFIG", "WEIGHTS"))  # fmt: skip
+    p.add_argument("--dataset", default="musu_synthetic_val")
+    p.add_argument("--image", type=int, default=0)
+    p.add_argument("--object", type=int, default=-1, help="-1: the largest object")
+    p.set_defaults(func=figure_consistency)
+    p = sub.add_parser("assignment", help="Fig. 2: MuSu cls / reg weights on a training image")
+    p.add_argument("config")
+    p.add_argument("weights")
+    p.add_argument("--dataset", default="musu_synthetic_train")
+    p.add_argument("--image", type=int, default=0)
+    p.set_defaults(func=figure_assignment)
+    p = sub.add_parser("anchors", help="Fig. 3: learned anchor shapes of an A > 1 model")
+    p.add_argument("config")
+    p.add_argument("weights")
+    p.set_defaults(func=figure_anchors)
+    p = sub.add_parser("curves", help="loss and AP curves from metrics.json")
+    p.add_argument("--run", nargs=2, action="append", required=True, metavar=("NAME", "DIR"))
+    p.set_defaults(func=figure_curves)
+    for p in sub.choices.values():
+        p.add_argument("--out", required=True, help="PNG path")
+        p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
