@@ -75,9 +75,11 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args) -> CfgNode:
-    """Config from defaults + MuSu keys + file + command-line opts, frozen and validated."""
+    """Config from defaults + MuSu keys + installed projects' keys + file + command-line opts,
+    frozen and validated."""
     cfg = get_cfg()
     musu.add_musu_config(cfg)
+    musu.add_project_configs(cfg)  # installed projects/* (entry points "musu.projects")
     for source, merge, value in (
         (f"config file {args.config_file}", cfg.merge_from_file, args.config_file),
         ("command-line options", cfg.merge_from_list, args.opts),
@@ -131,9 +133,22 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_launch_args(args) -> None:
+    """Fail early, with the reason, where Detectron2 would fail late and obscurely: its
+    DefaultTrainer wraps the model in DistributedDataParallel with ``device_ids=[local_rank]``,
+    which DDP rejects for a CPU model, so ``--num-gpus N > 1`` needs CUDA devices."""
+    if args.num_gpus > 1 and not args.eval_only and not torch.cuda.is_available():
+        raise ValueError(
+            f"--num-gpus {args.num_gpus} needs CUDA, which is not available: Detectron2's "
+            "DefaultTrainer cannot train a CPU model in several processes (DDP rejects its "
+            "device_ids on CPU). Use --num-gpus 1 on CPU."
+        )
+
+
 def invoke_main() -> None:
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
+    check_launch_args(args)
     launch(
         main,
         args.num_gpus,

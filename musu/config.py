@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from importlib.metadata import entry_points
 
 from detectron2.config import CfgNode as CN
 
 from .modeling.assigner import CRITERIA
 
-__all__ = ["add_musu_config", "validate_musu_config"]
+__all__ = ["add_musu_config", "add_project_configs", "validate_musu_config", "PROJECTS_ENTRY_POINT"]
+
+# Entry-point group through which installed projects (projects/*) offer their add_*_config.
+PROJECTS_ENTRY_POINT = "musu.projects"
 
 
 def add_musu_config(cfg: CN) -> None:
@@ -72,6 +76,20 @@ def add_musu_config(cfg: CN) -> None:
     # IoU threshold of the class-wise NMS.
     _C.MODEL.MUSU.NMS_THRESH_TEST = 0.6
     # (Detections kept per image: TEST.DETECTIONS_PER_IMAGE, Detectron2's key, default 100.)
+
+
+def add_project_configs(cfg: CN) -> list[str]:
+    """Apply the ``add_*_config`` of every installed project and return their names.
+
+    A project declares ``[options.entry_points] musu.projects = name = package:add_x_config``
+    in its setup.cfg; loading the entry point imports the package, which registers its
+    META_ARCHs and assigners, and calling it adds the project's config nodes.
+    """
+    names = []
+    for entry_point in sorted(entry_points(group=PROJECTS_ENTRY_POINT), key=lambda e: e.name):
+        entry_point.load()(cfg)
+        names.append(entry_point.name)
+    return names
 
 
 def _fail(key: str, message: str, value: object) -> None:

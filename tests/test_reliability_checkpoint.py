@@ -25,6 +25,7 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import hooks
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
 
@@ -214,6 +215,9 @@ def test_sigkill_then_resume_continues_from_last_complete_checkpoint(tmp_path: P
     train_net.register_datasets(args)
     cfg = train_net.setup(args)
     trainer = train_net.Trainer(cfg)
+    periodic = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
+    assert isinstance(trainer.checkpointer, AtomicCheckpointer)
+    assert len(periodic) == 1 and periodic[0].checkpointer is trainer.checkpointer
     trainer.resume_or_load(resume=args.resume)
     assert trainer.start_iter == last_iter + 1
     for name, value in trainer.model.state_dict().items():
@@ -269,6 +273,14 @@ def test_bad_config_fails_in_setup_naming_the_key(
         _setup(tmp_path, opts)
     assert names in str(raised.value)
     assert not (tmp_path / "out").exists()  # failed before default_setup wrote anything
+
+
+def test_multi_process_training_on_cpu_fails_early_with_the_reason(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = train_net.argument_parser().parse_args(["--num-gpus", "2"])
+    with pytest.raises(ValueError, match="--num-gpus 2 needs CUDA"):
+        train_net.check_launch_args(args)
+    train_net.check_launch_args(train_net.argument_parser().parse_args(["--num-gpus", "1"]))
 
 
 def test_unknown_key_in_config_file_fails_naming_the_key(tmp_path: Path) -> None:

@@ -429,8 +429,10 @@ def test_dirty_coco_dataset_trains_through_the_detectron2_loader(
     assert len(by_id[info["images"][0]]["instances"]) == 0
     second = by_id[info["images"][1]]["instances"]
     original = next(d for d in dicts if d["image_id"] == info["images"][1])
-    # DatasetMapper dropped the crowd box; the partly outside one is clipped to the image.
+    # DatasetMapper dropped the crowd box (the whole image); the partly outside one is clipped.
     assert len(second) == len(original["annotations"]) - 1
+    whole_image = torch.tensor([0.0, 0.0, 40.0, 40.0])
+    assert not any(torch.equal(box, whole_image) for box in second.gt_boxes.tensor)
     for item in batch:
         boxes = item["instances"].gt_boxes.tensor
         assert bool((boxes[:, 2:] > boxes[:, :2]).all())

@@ -12,6 +12,7 @@ loss raises ``FloatingPointError`` naming the term, the iteration and the likely
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -29,7 +30,7 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
 from ..config import validate_musu_config
-from .assigner import Assignment, assignment_stats, pad_ground_truth
+from .assigner import AnchorGrid, Assignment, assignment_stats, pad_ground_truth
 from .build import build_assigner
 from .head import MuSuHead
 from .losses import musu_classification_loss, weighted_giou_loss
@@ -48,18 +49,14 @@ def anchor_points(
     """Anchor points (R, 2) at cell centres ((j + 0.5) * s, (i + 0.5) * s), and strides (R,).
 
     Order matches the head outputs flattened as (level, H, W, A): every location's point is
-    repeated for its A slots.
+    repeated for its A slots. The points are ``AnchorGrid(...).points()``.
     """
-    points, point_strides = [], []
-    for (height, width), stride in zip(feature_sizes, strides):
-        ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride
-        xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride
-        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
-        level_points = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)  # (H*W, 2)
-        level_points = level_points.repeat_interleave(num_anchors, dim=0)  # (H*W*A, 2)
-        points.append(level_points)
-        point_strides.append(torch.full((len(level_points),), float(stride), device=device))
-    return torch.cat(points), torch.cat(point_strides)
+    grid = AnchorGrid(tuple(tuple(size) for size in feature_sizes), tuple(strides), num_anchors)
+    point_strides = [
+        torch.full((height * width * num_anchors,), float(stride), device=device)
+        for (height, width), stride in zip(feature_sizes, strides)
+    ]
+    return grid.points(device), torch.cat(point_strides)
 
 
 def decode_boxes(points: Tensor, strides: Tensor, log_distances: Tensor) -> Tensor:
@@ -230,16 +227,25 @@ class MuSu(DenseDetector):
 
     def _check_ground_truth(self, batched_inputs: List[Dict[str, Any]]) -> None:
         """``ValueError`` naming the image for class indices the model cannot represent or
-        non-finite boxes: indexing with them would fail far away or silently train on garbage."""
+        non-finite boxes: indexing with them would fail far away or silently train on garbage.
+        One batched test (on the loader's CPU tensors); images are only searched on failure."""
+        instances = [x["instances"] for x in batched_inputs if "instances" in x]
+        if not instances:
+            return
+        classes = torch.cat([x.gt_classes for x in instances])  # (sum M,)
+        boxes = torch.cat([x.gt_boxes.tensor for x in instances])  # (sum M, 4)
+        if bool(
+            ((classes >= 0) & (classes < self.num_classes)).all() & torch.isfinite(boxes).all()
+        ):
+            return
         for index, item in enumerate(batched_inputs):
-            instances = item.get("instances")
-            if instances is None or len(instances) == 0:
+            if "instances" not in item:
                 continue
             where = (
                 f"image {item.get('file_name', f'#{index} of the batch')} "
                 f"(image_id {item.get('image_id', '?')})"
             )
-            classes = instances.gt_classes
+            classes = item["instances"].gt_classes
             bad = (classes < 0) | (classes >= self.num_classes)
             if bool(bad.any()):
                 raise ValueError(
@@ -248,8 +254,7 @@ class MuSu(DenseDetector):
                     f": MODEL.MUSU.NUM_CLASSES ({self.num_classes}) is smaller than the dataset's"
                     " number of classes, or the dataset maps category ids wrongly"
                 )
-            boxes = instances.gt_boxes.tensor
-            finite = torch.isfinite(boxes).all(dim=1)
+            finite = torch.isfinite(item["instances"].gt_boxes.tensor).all(dim=1)
             if not bool(finite.all()):
                 raise ValueError(
                     f"{where}: object(s) {(~finite).nonzero().flatten().tolist()[:10]} have "
@@ -264,6 +269,10 @@ class MuSu(DenseDetector):
             predictions, [self.num_classes, 4, 1]
         )
         return logits, box_reg, [x.squeeze(-1) for x in objectness]
+
+    def _grid(self, features: List[Tensor]) -> AnchorGrid:
+        sizes = tuple((f.shape[-2], f.shape[-1]) for f in features)
+        return AnchorGrid(sizes, tuple(self.strides), self.num_anchors)
 
     def _points(self, features: List[Tensor]) -> Tuple[Tensor, Tensor]:
         sizes = [(f.shape[-2], f.shape[-1]) for f in features]
@@ -288,8 +297,11 @@ class MuSu(DenseDetector):
             gt_boxes, gt_classes, crowd_boxes = _split_crowd(gt_instances)
             with torch.no_grad():
                 scores = cls_logits.detach().sigmoid() * obj_logits.detach().sigmoid()[..., None]
+                # Assigners that accept the grid layout list inside pairs per box (O(pairs)).
+                takes_grid = "grid" in inspect.signature(self.assigner).parameters
+                extra = {"grid": self._grid(features)} if takes_grid else {}
                 assignment = self.assigner(
-                    points, scores, pred_boxes.detach(), gt_boxes, gt_classes
+                    points, scores, pred_boxes.detach(), gt_boxes, gt_classes, **extra
                 )
                 if crowd_boxes is not None:
                     assignment = _ignore_crowd_regions(assignment, points, crowd_boxes)
