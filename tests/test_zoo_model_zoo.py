@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
+import subprocess
 import sys
 import threading
 import urllib.parse
@@ -266,6 +268,8 @@ def test_unknown_and_unpublished_names(zoo) -> None:
     ):
         with pytest.raises(ModelZooError, match="Unknown MuSu model zoo name"):
             PathManager.get_local_path(f"musu://{name}")
+    with pytest.raises(ModelZooError, match="No weights are published for config"):
+        PathManager.get_local_path("musu://COCO-Detection/musu_R_50_FPN_1x")
     with pytest.raises(RuntimeError, match="No published MuSu weights"):
         model_zoo.get_checkpoint_url("COCO-Detection/musu_R_50_FPN_1x.yaml")
     with pytest.raises(ModelZooError, match="HTTP 404"):
@@ -345,4 +349,31 @@ def test_train_net_eval_only_with_musu_weights(zoo, tmp_path, monkeypatch) -> No
     results = train_net.main(default_argument_parser().parse_args(argv))
     assert "AP" in results["bbox"]
     assert len(evaluated) == 1 and same_weights(evaluated[0], state)
+    assert mirror.requests[pub.relpath] == 1
+
+
+def test_train_net_cli_eval_only_downloads_from_mirror(zoo, tmp_path) -> None:
+    """The real command line, in a fresh interpreter: ``import musu`` registers ``musu://``,
+    the file is fetched from the mirror (by its hashed file name) and evaluated."""
+    mirror, pub, _ = zoo
+    paths = ensure_split("val", tmp_path / "data", num_images=2, seed=6, image_size=128)
+    env = dict(os.environ, MUSU_MODEL_ZOO_URL=mirror.url, MUSU_CACHE_DIR=str(tmp_path / "cache"))
+    env.update(OMP_NUM_THREADS="1")
+    command = [
+        sys.executable, str(REPO_ROOT / "train_net.py"),
+        "--config-file", model_zoo.get_config_file(CONFIG), "--eval-only",
+        "--register-coco", "zoo_cli_val", paths.json_file, paths.image_root,
+        "MODEL.WEIGHTS", f"musu://{pub.relpath}",
+        "OUTPUT_DIR", str(tmp_path / "out"),
+        "DATASETS.TEST", "('zoo_cli_val',)",
+        "DATALOADER.NUM_WORKERS", "0",
+        "INPUT.MIN_SIZE_TEST", "128",
+        "INPUT.MAX_SIZE_TEST", "128",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (tmp_path / "out" / "log.txt").read_text()
+    cached = tmp_path / "cache" / "model_zoo" / pub.relpath
+    assert f"Loading from {cached}" in log
+    assert "copypaste: AP,AP50,AP75" in log
     assert mirror.requests[pub.relpath] == 1

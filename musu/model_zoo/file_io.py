@@ -125,7 +125,7 @@ def resolve(name: str) -> ResolvedFile:
     Raises :class:`ModelZooError` for a name that is neither in the model zoo table nor a file
     name carrying a hash (``..._<8 to 64 hex>.pth``), which could not be verified.
     """
-    from .model_zoo import MODEL_ZOO_FILES  # the table imports this module
+    from .model_zoo import MODEL_ZOO_FILES, configs_root  # model_zoo imports this module
 
     name = name[len(PREFIX) :] if name.startswith(PREFIX) else name
     name = name.strip("/")
@@ -141,6 +141,11 @@ def resolve(name: str) -> ResolvedFile:
     if match and all(part not in ("", ".", "..") for part in parts):
         return ResolvedFile(name, match.group(1))
     known = ", ".join(sorted(MODEL_ZOO_FILES)) or "<none>"
+    if (configs_root() / f"{key}.yaml").is_file():
+        raise ModelZooError(
+            f"No weights are published for config {key}.yaml yet ({PREFIX}{name}); published: "
+            f"{known}. See MODEL_ZOO.md."
+        )
     raise ModelZooError(
         f"Unknown MuSu model zoo name {PREFIX}{name}: it is not a published config name (known: "
         f"{known}) nor a file name with a hash to verify (<name>/model_final_<sha256 prefix>.pth)."

@@ -42,7 +42,16 @@ class ModelZooEntry(NamedTuple):
 
 # Config name (path under configs/, no ".yaml") -> published file. tools/publish_model.py prints
 # the line to add here; the files themselves live at the release location (file_io.py), not in git.
-MODEL_ZOO_FILES: dict[str, ModelZooEntry] = {}
+MODEL_ZOO_FILES: dict[str, ModelZooEntry] = {
+    "Synthetic/musu_R_18_FPN_synthetic": ModelZooEntry(
+        "Synthetic/musu_R_18_FPN_synthetic/model_final_8f1750963d21.pth",
+        "8f1750963d2175aa7de27388b196cd5e30cc79e92140895ad3e06e0ac73f1254",
+    ),
+    "BCCD/musu_R_18_FPN_bccd": ModelZooEntry(
+        "BCCD/musu_R_18_FPN_bccd/model_final_921257870ffa.pth",
+        "921257870ffa13b16a534be78299d2ae1743d2c1d40535301561e76bd46f10c8",
+    ),
+}
 
 
 def configs_root() -> Path:

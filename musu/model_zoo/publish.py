@@ -86,9 +86,9 @@ def publishable_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 
 def schedule_name(max_iter: int, ims_per_batch: int) -> str:
     """Detectron2's schedule names (1x = 90k iterations of 16 images), else ``<iter> it x <im>``."""
-    epochs = max_iter * ims_per_batch / (90000 * 16)
+    times_1x = max_iter * ims_per_batch / (90000 * 16)
     for multiple in (1, 2, 3):
-        if math.isclose(epochs, multiple):
+        if math.isclose(times_1x, multiple):
             return f"{multiple}x"
     return f"{max_iter} it × {ims_per_batch} im"
 
