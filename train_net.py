@@ -93,6 +93,7 @@ def setup(args) -> CfgNode:
         logging.getLogger(__name__).warning("CUDA is not available: MODEL.DEVICE set to 'cpu'.")
         cfg.MODEL.DEVICE = "cpu"
     musu.validate_musu_config(cfg)
+    musu.validate_project_configs(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

@@ -8,13 +8,19 @@ backbone and the built-in datasets; ``musu.add_musu_config(cfg)`` adds ``cfg.MOD
 from . import data  # noqa: F401  (registers the built-in datasets)
 from . import modeling  # noqa: F401  (registers META_ARCH "MuSu" and the backbone)
 from . import model_zoo  # noqa: F401 (registers musu://)
-from .config import add_musu_config, add_project_configs, validate_musu_config
+from .config import (
+    add_musu_config,
+    add_project_configs,
+    validate_musu_config,
+    validate_project_configs,
+)
 
 __version__ = "0.1.0"
 __all__ = [
     "add_musu_config",
     "add_project_configs",
     "validate_musu_config",
+    "validate_project_configs",
     "modeling",
     "__version__",
 ]

@@ -9,7 +9,13 @@ from detectron2.config import CfgNode as CN
 
 from .modeling.assigner import CRITERIA
 
-__all__ = ["add_musu_config", "add_project_configs", "validate_musu_config", "PROJECTS_ENTRY_POINT"]
+__all__ = [
+    "add_musu_config",
+    "add_project_configs",
+    "validate_musu_config",
+    "validate_project_configs",
+    "PROJECTS_ENTRY_POINT",
+]
 
 # Entry-point group through which installed projects (projects/*) offer their add_*_config.
 PROJECTS_ENTRY_POINT = "musu.projects"
@@ -39,6 +45,9 @@ def add_musu_config(cfg: CN) -> None:
     _C.MODEL.MUSU.ANCHOR_ASPECT_RATIO_RANGE = [0.5, 2.0]
     # Seed of the anchor-shape draw, so that the same config always gives the same initial anchors.
     _C.MODEL.MUSU.ANCHOR_INIT_SEED = 0
+
+    # FCOS-rule assigner (build_fcos_assigner): centre-sampling radius in strides, 0 disables.
+    _C.MODEL.MUSU.FCOS_CENTER_SAMPLING_RADIUS = 1.5
 
     # --- Assigner (Procedure 1) ---
     # Assigner builder registered in musu.modeling.build.ASSIGNER_REGISTRY (cfg -> assigner).
@@ -78,18 +87,31 @@ def add_musu_config(cfg: CN) -> None:
     # (Detections kept per image: TEST.DETECTIONS_PER_IMAGE, Detectron2's key, default 100.)
 
 
-def add_project_configs(cfg: CN) -> list[str]:
-    """Apply the ``add_*_config`` of every installed project and return their names.
+def _project_modules() -> list:
+    """The installed projects' modules, from entry points of group ``musu.projects``."""
+    found = sorted(entry_points(group=PROJECTS_ENTRY_POINT), key=lambda e: e.name)
+    return [entry_point.load() for entry_point in found]
 
-    A project declares ``[options.entry_points] musu.projects = name = package:add_x_config``
-    in its setup.cfg; loading the entry point imports the package, which registers its
-    META_ARCHs and assigners, and calling it adds the project's config nodes.
+
+def add_project_configs(cfg: CN) -> list[str]:
+    """Call ``add_config(cfg)`` of every installed project; return the projects' module names.
+
+    A project declares ``[options.entry_points] musu.projects = <name> = <package>`` in its
+    setup.cfg; its package exposes ``add_config(cfg)`` (adding its own config nodes) and may expose
+    ``validate_config(cfg)``. Importing the package registers its META_ARCHs and assigners.
     """
-    names = []
-    for entry_point in sorted(entry_points(group=PROJECTS_ENTRY_POINT), key=lambda e: e.name):
-        entry_point.load()(cfg)
-        names.append(entry_point.name)
-    return names
+    modules = _project_modules()
+    for module in modules:
+        module.add_config(cfg)
+    return [module.__name__ for module in modules]
+
+
+def validate_project_configs(cfg: CN) -> None:
+    """Call ``validate_config(cfg)`` of every installed project that has one."""
+    for module in _project_modules():
+        validate = getattr(module, "validate_config", None)
+        if validate is not None:
+            validate(cfg)
 
 
 def _fail(key: str, message: str, value: object) -> None:

@@ -165,9 +165,7 @@ def test_ambiguous_point_goes_to_smallest_box_and_ties_to_lowest_index() -> None
 def test_without_center_sampling_every_inside_point_of_the_right_level_matches() -> None:
     box = torch.tensor([[8.0, 8.0, 56.0, 40.0]])  # largest distance < 48: P3 only
     result, points, strides = assign([box], 128, 128, radius=0.0)
-    inside = (
-        (points[:, 0] > 8) & (points[:, 0] < 56) & (points[:, 1] > 8) & (points[:, 1] < 40)
-    )
+    inside = (points[:, 0] > 8) & (points[:, 0] < 56) & (points[:, 1] > 8) & (points[:, 1] < 40)
     assert torch.equal(result.gt_index[0] >= 0, inside & (strides == 8))
     assert int(result.bag_size[0, 0]) == 6 * 4
 

@@ -86,9 +86,14 @@ for project in "$ROOT"/projects/*/; do
   module="$(sed -n 's/^name *= *//p' "$project/setup.cfg" 2>/dev/null | head -n 1)"
   module="${module:-$name}"
   if (cd / && "$PYTHON" - "$project" "$module" <<'PY' >/dev/null 2>&1
-import importlib, os, sys
-spec = importlib.util.find_spec(sys.argv[2].replace("-", "_"))
+import importlib.util, os, sys
+from importlib.metadata import entry_points
+module = sys.argv[2].replace("-", "_")
+spec = importlib.util.find_spec(module)
 assert spec and spec.origin and os.path.realpath(spec.origin).startswith(os.path.realpath(sys.argv[1]))
+setup_cfg = os.path.join(sys.argv[1], "setup.cfg")
+if os.path.exists(setup_cfg) and "musu.projects" in open(setup_cfg).read():  # entry point current
+    assert any(e.value == module for e in entry_points(group="musu.projects"))
 PY
   ); then
     say "project $name: installed"

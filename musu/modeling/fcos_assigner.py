@@ -57,7 +57,9 @@ class FCOSAssigner:
             )
         low, high = size_factors
         if not (0 < low < high):
-            raise ValueError(f"FCOSAssigner: size_factors must be 0 < low < high, got {size_factors}")
+            raise ValueError(
+                f"FCOSAssigner: size_factors must be 0 < low < high, got {size_factors}"
+            )
         self.center_sampling_radius = float(radius)
         self.size_factors = (float(low), float(high))
 
@@ -141,7 +143,6 @@ class FCOSAssigner:
 
 @ASSIGNER_REGISTRY.register()
 def build_fcos_assigner(cfg) -> FCOSAssigner:
-    """FCOS rule; reads ``MODEL.MUSU.FCOS_CENTER_SAMPLING_RADIUS`` when the config has it
-    (default 1.5, Detectron2's FCOS default; 0 turns center sampling off)."""
-    radius = cfg.MODEL.MUSU.get("FCOS_CENTER_SAMPLING_RADIUS", 1.5)
-    return FCOSAssigner(center_sampling_radius=radius)
+    """FCOS rule with ``MODEL.MUSU.FCOS_CENTER_SAMPLING_RADIUS`` (default 1.5, Detectron2's FCOS
+    default; 0 turns center sampling off)."""
+    return FCOSAssigner(center_sampling_radius=cfg.MODEL.MUSU.FCOS_CENTER_SAMPLING_RADIUS)

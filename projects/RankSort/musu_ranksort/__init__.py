@@ -12,9 +12,15 @@ from .config import add_ranksort_config, validate_ranksort_config
 from .meta_arch import MuSuRankSort, merged_logits
 from .rank_sort import RankSortLoss, rank_sort_loss, smoothed_step
 
+# Generic names for a project hook in the root train_net.py (import module, add_config(cfg)).
+add_config = add_ranksort_config
+validate_config = validate_ranksort_config
+
 __version__ = "0.1.0"
 __all__ = [
+    "add_config",
     "add_ranksort_config",
+    "validate_config",
     "validate_ranksort_config",
     "MuSuRankSort",
     "merged_logits",

@@ -14,6 +14,10 @@ Gradients are not the derivative of L_RS (it is piecewise constant) but the iden
 the supplement: Eq. S7 for negatives, Eq. S16 for positives, with the pmfs
 p_R(j|i) = H(x_ij) / sum_{k in N} H(x_ik) over negatives and
 p_S(j|i) = H(x_ij) [y_j < y_i] / sum_{k in P} H(x_ik) [y_k < y_i] over positives.
+
+Cost: negatives below min_i s_i - delta are pruned first; the positive-negative sums (N_FP in
+forward, Eq. S7 in backward) use sorted prefix sums (:func:`step_sums`), so no (P, Q) matrix is
+built; only the positive-positive sorting terms are pairwise, (P, P).
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ def smoothed_step(x: Tensor, delta: float) -> Tensor:
 def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
     """numerator / denominator, 0 where the denominator is 0."""
     zero = denominator == 0
-    return torch.where(zero, torch.zeros_like(numerator), numerator / denominator.masked_fill(zero, 1))
+    return torch.where(
+        zero, torch.zeros_like(numerator), numerator / denominator.masked_fill(zero, 1)
+    )
 
 
 def step_sums(

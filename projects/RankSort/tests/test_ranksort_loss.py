@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import musu_ranksort.rank_sort as rs_module
 from musu_ranksort import rank_sort_loss
-from musu_ranksort.rank_sort import rank_sort_errors
+from musu_ranksort.rank_sort import rank_sort_errors, smoothed_step, step_sums
 
 FIG_S1_LOGITS = [3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0]
 FIG_S1_LABELS = [0.9, 0.4, 0.0, 0.0, 0.8, 0.0, 0.1, 0.0]
@@ -198,6 +198,20 @@ def test_pruned_negatives_never_enter_pairwise_work(monkeypatch) -> None:
     assert loss_far.item() == loss_base.item()
     torch.testing.assert_close(grad_far[:7], grad_base)
     assert bool((grad_far[7:] == 0).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([0.5, 0.25, 1.0]), st.booleans())
+def test_step_sums_equal_dense_sums(seed: int, delta: float, above: bool) -> None:
+    """Prefix-sum step sums equal the dense (B, K) matrix sums, values on a grid (ties and
+    exact band edges)."""
+    gen = torch.Generator().manual_seed(seed)
+    queries = torch.randint(-12, 12, (9,), generator=gen).double() / 4
+    values = torch.randint(-12, 12, (31,), generator=gen).double() / 4
+    weights = torch.rand(31, generator=gen, dtype=torch.float64)
+    diff = values[None, :] - queries[:, None] if above else queries[:, None] - values[None, :]
+    expected = (smoothed_step(diff, delta) * weights[None, :]).sum(1)
+    torch.testing.assert_close(step_sums(queries, values, weights, delta, above), expected)
 
 
 def test_no_positives_gives_zero_loss_and_gradient() -> None:

@@ -6,6 +6,7 @@ Notation: N images, R anchors, C classes, M objects.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Iterator, List
@@ -13,6 +14,7 @@ from typing import Iterator, List
 import pytest
 import torch
 from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
@@ -50,15 +52,17 @@ def project_cfg(path: Path, opts: List = ()) -> CfgNode:
 
 
 def test_merged_logits_is_the_logit_of_the_product() -> None:
-    a = torch.linspace(-6, 6, 13, dtype=torch.float64)[:, None].expand(13, 13)  # (R, C)
-    b = torch.linspace(-6, 6, 13, dtype=torch.float64)[:, None].expand(13, 13)
-    out = merged_logits(a.unsqueeze(0), b[:, 0].unsqueeze(0))  # (1, 13, 13): obj per row
-    p_rows = torch.sigmoid(a) * torch.sigmoid(b[:, 0])[:, None]
-    torch.testing.assert_close(out[0], torch.log(p_rows) - torch.log1p(-p_rows))
+    values = torch.linspace(-6, 6, 13, dtype=torch.float64)
+    cls_logits = values[None, None, :].expand(1, 13, 13)  # (N, R, C): class c has values[c]
+    obj_logits = values[None, :]  # (N, R): anchor r has values[r]
+    p = torch.sigmoid(values)[:, None] * torch.sigmoid(values)[None, :]  # (R, C)
+    out = merged_logits(cls_logits, obj_logits)
+    torch.testing.assert_close(out[0], torch.log(p) - torch.log1p(-p))
     extreme = torch.tensor([[[50.0, -50.0]]], requires_grad=True)
     value = merged_logits(extreme, torch.tensor([[50.0]]))
     value.sum().backward()
     assert bool(torch.isfinite(value).all()) and bool(torch.isfinite(extreme.grad).all())
+    assert value[0, 0, 1].item() == pytest.approx(-50.0, abs=1e-4)  # p ~ sigmoid(-50)
 
 
 def test_paired_iou_matches_detectron2() -> None:
@@ -79,8 +83,12 @@ def hand_assignment() -> Assignment:
     reg_weight = torch.tensor([[1.0, 0.0, 0.5, 0.0], [0.0, 0.25, 0.0, 0.0]])
     ignore = torch.tensor([[False, False, False, True], [False] * 4])
     return Assignment(
-        gt_index, cls_weight, reg_weight, torch.zeros(2, 2, dtype=torch.long),
-        torch.zeros(2, 2), ignore=ignore,
+        gt_index,
+        cls_weight,
+        reg_weight,
+        torch.zeros(2, 2, dtype=torch.long),
+        torch.zeros(2, 2),
+        ignore=ignore,
     )
 
 
@@ -89,8 +97,14 @@ def hand_assignment() -> Assignment:
 def test_losses_against_hand_computation(self_balance: bool, cls_label: str) -> None:
     cfg = project_cfg(
         SYNTHETIC / "musu_rs_R_18_FPN_synthetic.yaml",
-        ["MODEL.RANKSORT.SELF_BALANCE", self_balance, "MODEL.RANKSORT.CLS_LABEL", cls_label,
-         "MODEL.MUSU.REG_LOSS_WEIGHT", 2.0],
+        [
+            "MODEL.RANKSORT.SELF_BALANCE",
+            self_balance,
+            "MODEL.RANKSORT.CLS_LABEL",
+            cls_label,
+            "MODEL.MUSU.REG_LOSS_WEIGHT",
+            2.0,
+        ],
     )
     model = build_model(cfg)
     assert isinstance(model, MuSuRankSort)
@@ -98,14 +112,21 @@ def test_losses_against_hand_computation(self_balance: bool, cls_label: str) -> 
     cls_logits = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     obj_logits = torch.randn(2, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     pred_boxes = torch.tensor(
-        [[[0, 0, 10, 10], [5, 5, 9, 9], [2, 1, 12, 8], [0, 0, 1, 1]],
-         [[0, 0, 1, 1], [20, 20, 30, 34], [0, 0, 2, 2], [1, 1, 3, 3]]],
-        dtype=torch.float64, requires_grad=True,
+        [
+            [[0, 0, 10, 10], [5, 5, 9, 9], [2, 1, 12, 8], [0, 0, 1, 1]],
+            [[0, 0, 1, 1], [20, 20, 30, 34], [0, 0, 2, 2], [1, 1, 3, 3]],
+        ],
+        dtype=torch.float64,
+        requires_grad=True,
     )
-    gt_boxes = [torch.tensor([[1.0, 1.0, 11.0, 9.0]], dtype=torch.float64),
-                torch.tensor([[0.0, 0.0, 4.0, 4.0], [22.0, 21.0, 31.0, 33.0]], dtype=torch.float64)]
+    gt_boxes = [
+        torch.tensor([[1.0, 1.0, 11.0, 9.0]], dtype=torch.float64),
+        torch.tensor([[0.0, 0.0, 4.0, 4.0], [22.0, 21.0, 31.0, 33.0]], dtype=torch.float64),
+    ]
     gt_classes = [torch.tensor([2]), torch.tensor([0, 4])]
-    losses = model.losses(cls_logits, obj_logits, pred_boxes, gt_boxes, gt_classes, hand_assignment())
+    losses = model.losses(
+        cls_logits, obj_logits, pred_boxes, gt_boxes, gt_classes, hand_assignment()
+    )
 
     # Classification: 3 positives (0,0,c2) (0,2,c2) (1,1,c4); anchor (0,3) is out entirely.
     p = torch.sigmoid(cls_logits) * torch.sigmoid(obj_logits)[..., None]
@@ -118,7 +139,11 @@ def test_losses_against_hand_computation(self_balance: bool, cls_label: str) -> 
         return inter / ((ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter)
 
     weight = {(0, 0): 1.0, (0, 2): 0.5, (1, 1): 1.0}
-    targets = {(0, 0): (gt_boxes[0][0], 2), (0, 2): (gt_boxes[0][0], 2), (1, 1): (gt_boxes[1][1], 4)}
+    targets = {
+        (0, 0): (gt_boxes[0][0], 2),
+        (0, 2): (gt_boxes[0][0], 2),
+        (1, 1): (gt_boxes[1][1], 4),
+    }
     values, labels, positive = [], [], []
     for n in range(2):
         for r in range(4):
@@ -136,8 +161,11 @@ def test_losses_against_hand_computation(self_balance: bool, cls_label: str) -> 
     assert losses["loss_rs_cls"].item() == pytest.approx(expected_cls, rel=1e-9)
 
     # Box: reg samples (0,0) w 1, (0,2) w 0.5, (1,1) w 0.25, each times its detached score.
-    rows = [(0, 0, gt_boxes[0][0], 1.0, 2), (0, 2, gt_boxes[0][0], 0.5, 2),
-            (1, 1, gt_boxes[1][1], 0.25, 4)]
+    rows = [
+        (0, 0, gt_boxes[0][0], 1.0, 2),
+        (0, 2, gt_boxes[0][0], 0.5, 2),
+        (1, 1, gt_boxes[1][1], 0.25, 4),
+    ]
     w = torch.stack([rw * p[n, r, c].detach() for n, r, _, rw, c in rows])
     g = torch.stack([giou_loss(pred_boxes[n, r], b, reduction="none") for n, r, b, _, _ in rows])
     box = (w * g).sum() / w.sum()
@@ -166,8 +194,12 @@ def test_training_step_of_each_synthetic_config(name: str, assigner: type) -> No
     gen = torch.Generator().manual_seed(0)
     boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 20.0, 60.0, 60.0]])
     inputs = [
-        {"image": torch.rand(3, 64, 64, generator=gen) * 255,
-         "instances": Instances((64, 64), gt_boxes=Boxes(boxes), gt_classes=torch.tensor([1, 3]))}
+        {
+            "image": torch.rand(3, 64, 64, generator=gen) * 255,
+            "instances": Instances(
+                (64, 64), gt_boxes=Boxes(boxes), gt_classes=torch.tensor([1, 3])
+            ),
+        }
         for _ in range(2)
     ]
     with EventStorage():
@@ -198,6 +230,28 @@ def test_config_keys_each_have_a_comment_and_are_validated() -> None:
     cfg = project_cfg(SYNTHETIC / "musu_rs_R_18_FPN_synthetic.yaml", ["MODEL.RANKSORT.DELTA", 0.0])
     with pytest.raises(ValueError, match="DELTA"):
         build_model(cfg)
-    cfg = project_cfg(SYNTHETIC / "musu_rs_R_18_FPN_synthetic.yaml", ["MODEL.RANKSORT.CLS_LABEL", "x"])
+    cfg = project_cfg(
+        SYNTHETIC / "musu_rs_R_18_FPN_synthetic.yaml", ["MODEL.RANKSORT.CLS_LABEL", "x"]
+    )
     with pytest.raises(ValueError, match="CLS_LABEL"):
         build_model(cfg)
+
+
+def test_root_train_net_setup_adds_the_ranksort_keys(tmp_path: Path) -> None:
+    """The installed project is found through its ``musu.projects`` entry point."""
+    spec = importlib.util.spec_from_file_location(
+        "root_train_net", PROJECT.parents[1] / "train_net.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config = SYNTHETIC / "fcos_rs_R_18_FPN_synthetic.yaml"
+    argv = ["--config-file", str(config), "MODEL.RANKSORT.DELTA", "0.25"]
+    argv += ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path)]
+    cfg = script.setup(script.argument_parser().parse_args(argv))
+    assert cfg.is_frozen()
+    assert cfg.MODEL.META_ARCHITECTURE == "MuSuRankSort"
+    assert cfg.MODEL.MUSU.ASSIGNER == "build_fcos_assigner"
+    assert cfg.MODEL.RANKSORT.DELTA == 0.25 and cfg.MODEL.RANKSORT.SELF_BALANCE is True
+    bad = argv[:2] + ["MODEL.RANKSORT.CLS_LABEL", "nope"] + argv[4:]
+    with pytest.raises(ValueError, match="CLS_LABEL"):
+        script.setup(script.argument_parser().parse_args(bad))
