@@ -37,7 +37,9 @@ TINY = [
 @pytest.fixture(scope="module")
 def tiny_split(tmp_path_factory: pytest.TempPathFactory) -> list:
     """A 4-image synthetic split registered as train and test: [[name, json, images]]."""
-    paths = ensure_split("val", tmp_path_factory.mktemp("cmp"), num_images=4, seed=5, image_size=128)
+    paths = ensure_split(
+        "val", tmp_path_factory.mktemp("cmp"), num_images=4, seed=5, image_size=128
+    )
     name = "compare_tiny"
     if name not in DatasetCatalog.list():
         register_coco_dataset(name, paths.json_file, paths.image_root)
@@ -78,7 +80,8 @@ def test_dataset_names_and_markdown_table() -> None:
 def test_train_fcos_via_train_net_then_evaluate(tiny_split: list, tmp_path: Path) -> None:
     name = tiny_split[0][0]
     argv = [str(FCOS_CFG), "--dataset", f"{name},{name}", "--output", str(tmp_path),
-            "--max-iter", "3", "--warmup", "1", "--skip-iters", "0"]  # fmt: skip
+            "--max-iter", "3", "--warmup", "1", "--skip-iters", "0",
+            "--max-eval-images", "2"]  # fmt: skip
     for entry in tiny_split:
         argv += ["--register", *entry]
     rows = compare.main(argv + ["--opts", *TINY])
@@ -105,7 +108,8 @@ def test_eval_only_on_a_musu_checkpoint(tiny_split: list, tmp_path: Path) -> Non
     model = compare.build_model(cfg)
     torch.save({"model": model.state_dict()}, tmp_path / "musu.pth")
     argv = [str(MUSU_CFG), "--dataset", f"{name},{name}", "--output", str(tmp_path),
-            "--eval-only", "--checkpoints", str(tmp_path / "musu.pth"), "--warmup", "1"]  # fmt: skip
+            "--eval-only", "--checkpoints", str(tmp_path / "musu.pth"), "--warmup", "1",
+            "--max-eval-images", "2"]  # fmt: skip
     rows = compare.main(argv + ["--opts", *TINY])
     row = rows["musu_R_18_FPN_synthetic"]
     assert math.isnan(row["train_s_per_iter"])  # no metrics.json beside this checkpoint

@@ -14,16 +14,13 @@ from detectron2.utils.events import EventStorage
 
 import musu
 from musu.evaluation import PRE_NMS_OPTS
-from musu.modeling.fcos_adaptor import DEFAULT_CENTER_SAMPLING_RADIUS, add_fcos_adaptor_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _cfg(config: str = "Synthetic/fcos_R_18_FPN_synthetic.yaml", *opts: str, adaptor=True):
+def _cfg(config: str = "Synthetic/fcos_R_18_FPN_synthetic.yaml", *opts: str):
     cfg = get_cfg()
     musu.add_musu_config(cfg)
-    if adaptor:
-        add_fcos_adaptor_config(cfg)
     cfg.merge_from_file(str(CONFIGS / config))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
     return cfg
@@ -37,7 +34,7 @@ def test_builds_detectron2_fcos_from_musu_keys() -> None:
     cfg = _cfg(
         "Synthetic/fcos_R_18_FPN_synthetic.yaml",
         "MODEL.MUSU.SCORE_THRESH_TEST", "0.1", "MODEL.MUSU.NMS_THRESH_TEST", "0.5",
-        "MODEL.MUSU.FOCAL_LOSS_GAMMA", "1.5", "MODEL.FCOS_ADAPTOR.CENTER_SAMPLING_RADIUS", "2.5",
+        "MODEL.MUSU.FOCAL_LOSS_GAMMA", "1.5", "MODEL.MUSU.FCOS_CENTER_SAMPLING_RADIUS", "2.5",
     )  # fmt: skip
     model = build_model(cfg)
     assert type(model) is FCOS and type(model.head) is FCOSHead  # Detectron2's classes, unchanged
@@ -60,16 +57,16 @@ def test_same_parameters_as_musu_a1_except_level_scales() -> None:
     assert _params(musu_model) - _params(fcos) == len(musu_cfg.MODEL.MUSU.IN_FEATURES)
 
 
-def test_default_radius_without_adaptor_node_and_config_errors() -> None:
-    model = build_model(_cfg(adaptor=False))  # train_net.py without add_fcos_adaptor_config
-    assert model.center_sampling_radius == DEFAULT_CENTER_SAMPLING_RADIUS
+def test_default_radius_and_config_errors() -> None:
+    model = build_model(_cfg())
+    assert model.center_sampling_radius == 1.5  # Detectron2's FCOS default
     with pytest.raises(ValueError, match="NUM_ANCHORS"):
         build_model(_cfg("Synthetic/fcos_R_18_FPN_synthetic.yaml", "MODEL.MUSU.NUM_ANCHORS", "2"))
     with pytest.raises(ValueError, match="CENTER_SAMPLING_RADIUS"):
         build_model(
             _cfg(
                 "Synthetic/fcos_R_18_FPN_synthetic.yaml",
-                "MODEL.FCOS_ADAPTOR.CENTER_SAMPLING_RADIUS", "0.0",
+                "MODEL.MUSU.FCOS_CENTER_SAMPLING_RADIUS", "0.0",
             )  # fmt: skip
         )
 

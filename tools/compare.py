@@ -2,16 +2,20 @@
 """Train and evaluate detectors side by side with identical budgets; print one table.
 
     python tools/compare.py --dataset synthetic --output /tmp/runs/compare/synthetic \
-        configs/Synthetic/musu_R_18_FPN_synthetic.yaml configs/Synthetic/fcos_R_18_FPN_synthetic.yaml
-    python tools/compare.py --eval-only --checkpoints a/model_final.pth b/model_final.pth ... CFG_A CFG_B
+        configs/Synthetic/musu_R_18_FPN_synthetic.yaml \
+        configs/Synthetic/fcos_R_18_FPN_synthetic.yaml [--opts KEY VALUE ...]
+    python tools/compare.py --eval-only --checkpoints A/model_final.pth B/model_final.pth \
+        --output DIR CFG_A CFG_B
 
 How it runs (per config, one after the other):
 
 1. Training: a subprocess running the root ``train_net.py`` exactly as a user would
-   (``train_net.py --config-file CFG OUTPUT_DIR <output>/<config name> [--max-iter opts]``), with
-   ``musu.modeling.fcos_adaptor`` imported first so that the META_ARCH "D2FCOS" is registered
-   even before ``musu`` imports it itself. Its stdout/stderr go to ``<run dir>/train_stdout.log``.
+   (``train_net.py --config-file CFG [--register-coco ...] OUTPUT_DIR <output>/<config name>
+   [opts]``). Its stdout/stderr go to ``<run dir>/train_stdout.log``.
    With ``--reuse`` a run dir that already holds ``model_final.pth`` is not trained again.
+   The subprocess gets ``DATASETS.TEST ()`` (no evaluation inside training: step 2 evaluates)
+   unless ``--train-eval`` is given (then ``TEST.EVAL_PERIOD`` evaluations land in metrics.json,
+   which ``tools/visualize.py curves`` plots as AP curves).
 2. Evaluation, in-process, on the config's ``DATASETS.TEST[0]`` (or ``--dataset``):
    pass 1 with the config's own inference settings: ``COCOEvaluator`` (AP...) and wall-clock
    model time per image (batch 1, after ``--warmup`` images); pass 2 with NMS disabled
@@ -30,7 +34,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -49,7 +52,6 @@ from torch import nn
 import musu
 from musu.data import register_coco_dataset
 from musu.evaluation import PRE_NMS_OPTS, ConsistencyEvaluator
-from musu.modeling.fcos_adaptor import add_fcos_adaptor_config
 
 logger = logging.getLogger("musu.compare")
 
@@ -58,17 +60,6 @@ BUILTIN = {
     "synthetic": ("musu_synthetic_train", "musu_synthetic_val"),
     "bccd": ("bccd_train", "bccd_val"),
 }
-REGISTER_ENV = "MUSU_COMPARE_REGISTER"
-# Run train_net.py as __main__ after registering the adaptor and any --register datasets.
-_BOOT = (
-    "import json, os, runpy, sys\n"
-    "import musu, musu.modeling.fcos_adaptor\n"
-    "from musu.data import register_coco_dataset\n"
-    f"for n, j, r in json.loads(os.environ.get('{REGISTER_ENV}', '[]')):\n"
-    "    register_coco_dataset(n, j, r)\n"
-    "sys.argv = sys.argv[1:]\n"
-    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-)
 COLUMNS = [
     ("AP", "AP", "{:.1f}"),
     ("AP50", "AP50", "{:.1f}"),
@@ -114,43 +105,48 @@ def dataset_opts(dataset: Optional[str]) -> List[str]:
 
 
 def build_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
-    """The config train_net.py builds (defaults + MODEL.MUSU + MODEL.FCOS_ADAPTOR + file + opts)."""
+    """The config train_net.py builds (defaults + MODEL.MUSU + projects' keys + file + opts)."""
     cfg = get_cfg()
     musu.add_musu_config(cfg)
-    add_fcos_adaptor_config(cfg)
+    musu.add_project_configs(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     musu.validate_musu_config(cfg)
+    musu.validate_project_configs(cfg)
     cfg.freeze()
     return cfg
 
 
-def train_command(config_file: str, run_dir: Path, opts: Sequence[str]) -> List[str]:
-    """The subprocess command: train_net.py with the adaptor registered first."""
+def train_command(
+    config_file: str, run_dir: Path, opts: Sequence[str], registered: Sequence[Sequence[str]]
+) -> List[str]:
+    """The subprocess command: the root train_net.py, exactly as a user runs it."""
+    register = [arg for triple in registered for arg in ("--register-coco", *triple)]
     return [
         sys.executable,
-        "-c",
-        _BOOT,
         str(REPO_ROOT / "train_net.py"),
         "--config-file",
         str(config_file),
+        *register,
         *opts,
         "OUTPUT_DIR",
         str(run_dir),
     ]
 
 
-def train(config_file: str, run_dir: Path, opts: Sequence[str], registered: list) -> float:
+def train(
+    config_file: str, run_dir: Path, opts: Sequence[str], registered: list, evaluate: bool = False
+) -> float:
     """Train through train_net.py in a subprocess; returns wall seconds; raises on failure."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    command = train_command(config_file, run_dir, opts)
-    env = dict(os.environ, **{REGISTER_ENV: json.dumps(registered)})
+    opts = list(opts) + ([] if evaluate else ["DATASETS.TEST", "()"])
+    command = train_command(config_file, run_dir, opts, registered)
     logger.info("Training: %s", " ".join(command[3:]))
     start = time.perf_counter()
     with open(run_dir / "train_stdout.log", "w") as log:
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+        result = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=log)
     if result.returncode != 0:
         raise RuntimeError(f"training failed ({result.returncode}); see {run_dir}/train_stdout.log")
     return time.perf_counter() - start
@@ -282,6 +278,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoints only")
     parser.add_argument("--checkpoints", nargs="*", default=[], help="one per config")
     parser.add_argument("--reuse", action="store_true", help="skip training if final exists")
+    parser.add_argument("--train-eval", action="store_true", help="let train_net.py evaluate")
     parser.add_argument("--warmup", type=int, default=5, help="images not timed at inference")
     parser.add_argument("--max-eval-images", type=int, default=0, help="0: whole test set")
     parser.add_argument("--skip-iters", type=int, default=20, help="iterations not timed")
@@ -305,6 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     rows: Dict[str, Dict[str, float]] = {}
     for index, config_file in enumerate(args.configs):
         name = Path(config_file).stem
+        seconds = float("nan")
         run_dir = output / name
         if args.eval_only:
             checkpoint = args.checkpoints[index]
@@ -313,12 +311,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
             checkpoint = str(run_dir / "model_final.pth")
             metrics = run_dir / "metrics.json"
             if not (args.reuse and Path(checkpoint).is_file()):
-                train(config_file, run_dir, opts, args.register)
-        row = evaluate(
-            config_file, checkpoint, opts, run_dir, args.warmup, args.max_eval_images
-        )
+                seconds = train(config_file, run_dir, opts, args.register, args.train_eval)
+                logger.info("%s trained in %.0f s", name, seconds)
+        row = evaluate(config_file, checkpoint, opts, run_dir, args.warmup, args.max_eval_images)
         row["train_s_per_iter"] = train_seconds_per_iter(metrics, args.skip_iters)
         row.update(config=str(config_file), checkpoint=str(checkpoint))
+        row["train_wall_s"] = seconds  # nan when not trained here
         rows[name] = row
         logger.info("%s: %s", name, row)
     table = markdown_table(rows)

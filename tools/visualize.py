@@ -8,7 +8,7 @@
     python tools/visualize.py assignment --out fig2.png CFG WEIGHTS --dataset musu_synthetic_train
     # Fig. 3: learned anchor shapes (A > 1) from the regression biases, against the initial ones
     python tools/visualize.py anchors --out fig3.png CFG WEIGHTS
-    # Loss and AP curves of compared runs from Detectron2's metrics.json
+    # Loss and AP curves of compared runs from metrics.json (final AP from compare.json if no evals)
     python tools/visualize.py curves --out curves.png --run MuSu RUN_DIR_A --run FCOS RUN_DIR_B
 
 Confidence is the score each detector ranks by in NMS: MuSu ``sigmoid(cls) * sigmoid(obj)``,
@@ -114,7 +114,9 @@ def dense_maps(model, cfg, image: np.ndarray) -> List[Dict[str, Tensor]]:
                 boxes = model.box2box_transform.apply_deltas(
                     deltas[level][0], anchors[level].tensor
                 )
-                stride = int(round(float(anchors[level].tensor[0, 2] - anchors[level].tensor[0, 0])))
+                stride = int(
+                    round(float(anchors[level].tensor[0, 2] - anchors[level].tensor[0, 0]))
+                )
                 levels.append(
                     {"scores": scores.reshape(height, width, 1, -1),
                      "boxes": boxes.reshape(height, width, 1, 4), "stride": stride}  # fmt: skip
@@ -157,7 +159,9 @@ def _argmax_cell(values: np.ndarray, stride: int) -> Tuple[float, float]:
 
 
 def figure_consistency(args) -> None:
-    models = [(name, build_cfg(cfg_file, args.opts), weights) for name, cfg_file, weights in args.model]
+    models = [
+        (name, build_cfg(cfg_file, args.opts), weights) for name, cfg_file, weights in args.model
+    ]
     rgb, gt_boxes, gt_classes = load_example(models[0][1], args.dataset, args.image)
     if len(gt_boxes) == 0:
         raise ValueError(f"image {args.image} of {args.dataset} has no objects")
@@ -174,7 +178,9 @@ def figure_consistency(args) -> None:
         axes[row, 0].set_title(f"{name}: image, object {obj}")
         for col, key, title in [(1, "conf", "class confidence"), (2, "iou", "IoU with GT")]:
             ax = axes[row, col]
-            im = ax.imshow(maps[key], cmap="inferno", extent=extent, vmin=0, interpolation="nearest")
+            im = ax.imshow(
+                maps[key], cmap="inferno", extent=extent, vmin=0, interpolation="nearest"
+            )
             _box(ax, gt_boxes[obj])
             cx, cy = _argmax_cell(maps["conf"] * (maps["iou"] > 0), stride)
             ix, iy = _argmax_cell(maps["iou"], stride)
@@ -280,8 +286,8 @@ def figure_anchors(args) -> None:
         ax.legend(fontsize=6, loc="lower right")
         ax.set_xlabel("strides")
     fig.suptitle(
-        f"Anchor boxes (w x h in strides) from the regression bias: solid = {Path(args.weights).name}, "
-        "dotted = initial; dashed = one feature cell",
+        "Anchor boxes (w x h in strides) from the regression bias: solid = "
+        f"{Path(args.weights).name}, dotted = initial; dashed = one feature cell",
         fontsize=9,
     )
     fig.tight_layout()
@@ -292,6 +298,18 @@ def figure_anchors(args) -> None:
 def read_metrics(path: Path) -> List[dict]:
     """Entries of a Detectron2 metrics.json (one JSON object per line)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _final_eval_from_compare(run_dir: Path, iteration: int) -> List[dict]:
+    """Without evaluations in metrics.json, the final AP that tools/compare.py wrote for this
+    run (``<run dir>/../compare.json``, keyed by the run dir's name), as one entry."""
+    path = run_dir.parent / "compare.json"
+    row = json.loads(path.read_text()).get(run_dir.name) if path.is_file() else None
+    if row is None:
+        print(f"note: no bbox/AP in {run_dir}/metrics.json and no compare.json row")
+        return []
+    print(f"note: {run_dir.name}: final AP from {path}")
+    return [{"iteration": iteration, **{f"bbox/{k}": row[k] for k in ("AP", "AP50", "AP75")}}]
 
 
 def figure_curves(args) -> None:
@@ -307,7 +325,7 @@ def figure_curves(args) -> None:
                          color=line.get_color(), lw=1, label=f"{name} {key}")  # fmt: skip
         evals = [e for e in entries if "bbox/AP" in e]
         if not evals:
-            print(f"note: {run_dir}/metrics.json has no bbox/AP entries (TEST.EVAL_PERIOD 0?)")
+            evals = _final_eval_from_compare(Path(run_dir), iters[-1] if iters else 0)
         for marker, key in [("o", "bbox/AP"), ("s", "bbox/AP75"), ("^", "bbox/AP50")]:
             ax_ap.plot([e["iteration"] for e in evals], [e[key] for e in evals], marker=marker,
                        color=line.get_color(), label=f"{name} {key[5:]}")  # fmt: skip
@@ -316,7 +334,8 @@ def figure_curves(args) -> None:
     ax_loss.set_yscale("log")
     ax_loss.legend(fontsize=7)
     ax_ap.set_xlabel("iteration")
-    ax_ap.set_ylabel("COCO AP on the test set")
+    ax_ap.set_ylabel("COCO AP, test set")
+    ax_ap.set_xlim(ax_loss.get_xlim())
     ax_ap.legend(fontsize=7)
     ax_ap.grid(alpha=0.3)
     fig.tight_layout()

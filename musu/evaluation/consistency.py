@@ -50,7 +50,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Config overrides for the pre-NMS consistency pass (see the module docstring).
-PRE_NMS_OPTS: List[str] = ["MODEL.MUSU.NMS_THRESH_TEST", "1.0", "TEST.DETECTIONS_PER_IMAGE", "100000"]
+PRE_NMS_OPTS: List[str] = [
+    "MODEL.MUSU.NMS_THRESH_TEST",
+    "1.0",
+    "TEST.DETECTIONS_PER_IMAGE",
+    "100000",
+]
 
 
 def rankdata(values: np.ndarray) -> np.ndarray:

@@ -4,8 +4,8 @@ The builder only *constructs* ``detectron2.modeling.meta_arch.fcos.FCOS`` with `
 YAML keys; training, losses, assignment and inference are Detectron2's code. Shared settings come
 from ``MODEL.MUSU`` (NUM_CLASSES, IN_FEATURES, NUM_CONVS, NORM, PRIOR_PROB, FOCAL_LOSS_ALPHA/GAMMA,
 SCORE_THRESH_TEST, TOPK_CANDIDATES_TEST, NMS_THRESH_TEST) so that a MuSu config and an FCOS config
-differ only in ``MODEL.META_ARCHITECTURE``. FCOS-only settings live in ``MODEL.FCOS_ADAPTOR``
-(added by :func:`add_fcos_adaptor_config`); when that node is absent, Detectron2's defaults apply.
+differ only in ``MODEL.META_ARCHITECTURE``; the centre-sampling radius is
+``MODEL.MUSU.FCOS_CENTER_SAMPLING_RADIUS``, shared with the FCOS-rule assigner.
 
 Differences from MuSu that are FCOS's own design (kept, not "fixed"): linear stride-normalized box
 regression without per-level learnable scales, a centerness branch on the regression tower, the
@@ -16,37 +16,26 @@ center-sampling + scale-range assignment, and the inference score
 from __future__ import annotations
 
 from detectron2.config import CfgNode
-from detectron2.config import CfgNode as CN
 from detectron2.modeling import build_backbone
 from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 
-__all__ = ["D2FCOS", "add_fcos_adaptor_config", "DEFAULT_CENTER_SAMPLING_RADIUS"]
-
-# Detectron2's FCOS default (and the FCOS paper's "center sampling" radius, in strides).
-DEFAULT_CENTER_SAMPLING_RADIUS = 1.5
-
-
-def add_fcos_adaptor_config(cfg: CfgNode) -> None:
-    """Add the ``MODEL.FCOS_ADAPTOR`` node (FCOS-only keys), in place; edits nothing else."""
-    cfg.MODEL.FCOS_ADAPTOR = CN()
-    # Radius (in strides) around a box centre within which FCOS labels anchor points positive.
-    cfg.MODEL.FCOS_ADAPTOR.CENTER_SAMPLING_RADIUS = DEFAULT_CENTER_SAMPLING_RADIUS
+__all__ = ["D2FCOS"]
 
 
 def _center_sampling_radius(cfg: CfgNode) -> float:
-    node = cfg.MODEL.get("FCOS_ADAPTOR")
-    radius = DEFAULT_CENTER_SAMPLING_RADIUS if node is None else node.CENTER_SAMPLING_RADIUS
+    radius = cfg.MODEL.MUSU.FCOS_CENTER_SAMPLING_RADIUS
     if not radius > 0:
         raise ValueError(
-            f"Invalid config: MODEL.FCOS_ADAPTOR.CENTER_SAMPLING_RADIUS must be > 0, got {radius!r}"
+            "Invalid config: D2FCOS needs MODEL.MUSU.FCOS_CENTER_SAMPLING_RADIUS > 0 (Detectron2's "
+            f"FCOS always samples around the centre), got {radius!r}"
         )
     return float(radius)
 
 
 @META_ARCH_REGISTRY.register()
 def D2FCOS(cfg: CfgNode) -> FCOS:  # noqa: N802 - registry name is the function name
-    """Detectron2's ``FCOS`` + ``FCOSHead`` built from ``MODEL.MUSU`` (+ ``MODEL.FCOS_ADAPTOR``)."""
+    """Detectron2's ``FCOS`` + ``FCOSHead`` built from ``MODEL.MUSU`` keys."""
     musu = cfg.MODEL.MUSU
     if musu.NUM_ANCHORS != 1:
         raise ValueError(
