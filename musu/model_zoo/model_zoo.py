@@ -44,8 +44,8 @@ class ModelZooEntry(NamedTuple):
 # the line to add here; the files themselves live at the release location (file_io.py), not in git.
 MODEL_ZOO_FILES: dict[str, ModelZooEntry] = {
     "Synthetic/musu_R_18_FPN_synthetic": ModelZooEntry(
-        "Synthetic/musu_R_18_FPN_synthetic/model_final_8f1750963d21.pth",
-        "8f1750963d2175aa7de27388b196cd5e30cc79e92140895ad3e06e0ac73f1254",
+        "Synthetic/musu_R_18_FPN_synthetic/model_final_20ca101d9cc3.pth",
+        "20ca101d9cc3e7b603f7fdc512d41d374c6022f63862c2d4c7f7b53f81f5bf7b",
     ),
     "BCCD/musu_R_18_FPN_bccd": ModelZooEntry(
         "BCCD/musu_R_18_FPN_bccd/model_final_921257870ffa.pth",
