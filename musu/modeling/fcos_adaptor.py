@@ -20,6 +20,8 @@ from detectron2.modeling import build_backbone
 from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 
+from .meta_arch import check_in_features
+
 __all__ = ["D2FCOS"]
 
 
@@ -50,13 +52,7 @@ def D2FCOS(cfg: CfgNode) -> FCOS:  # noqa: N802 - registry name is the function 
     if musu.DEFORMABLE_LAST_CONV:
         raise ValueError("Invalid config: D2FCOS has no deformable head conv option")
     backbone = build_backbone(cfg)
-    shapes = backbone.output_shape()
-    missing = [f for f in musu.IN_FEATURES if f not in shapes]
-    if missing:
-        raise ValueError(
-            f"MODEL.MUSU.IN_FEATURES names {missing}, which the backbone does not output "
-            f"(it has {sorted(shapes)})"
-        )
+    shapes = check_in_features(backbone, musu.IN_FEATURES)
     input_shape = [shapes[f] for f in musu.IN_FEATURES]
     head = FCOSHead(
         input_shape=input_shape,

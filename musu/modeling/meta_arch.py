@@ -66,7 +66,7 @@ def decode_boxes(points: Tensor, strides: Tensor, log_distances: Tensor) -> Tens
     return torch.cat([points - distances[..., :2], points + distances[..., 2:]], dim=-1)
 
 
-def _check_in_features(backbone: Backbone, names: List[str]) -> Dict[str, ShapeSpec]:
+def check_in_features(backbone: Backbone, names: List[str]) -> Dict[str, ShapeSpec]:
     shapes = backbone.output_shape()
     missing = [f for f in names if f not in shapes]
     if missing:
@@ -180,7 +180,7 @@ class MuSu(DenseDetector):
         super().__init__(
             backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
         )
-        shapes = _check_in_features(backbone, head_in_features)
+        shapes = check_in_features(backbone, head_in_features)
         self.strides = [shapes[f].stride for f in head_in_features]
         self.num_classes = num_classes
         self.num_anchors = head.num_anchors
@@ -199,7 +199,7 @@ class MuSu(DenseDetector):
         validate_musu_config(cfg)
         musu = cfg.MODEL.MUSU
         backbone = build_backbone(cfg)
-        shapes = _check_in_features(backbone, musu.IN_FEATURES)
+        shapes = check_in_features(backbone, musu.IN_FEATURES)
         head = MuSuHead(cfg, [shapes[f] for f in musu.IN_FEATURES])
         return {
             "backbone": backbone,
@@ -370,11 +370,14 @@ class MuSu(DenseDetector):
     ) -> List[Instances]:
         logits, box_reg, objectness = self._flatten_predictions(predictions)
         sizes = [(f.shape[-2], f.shape[-1]) for f in features]
+        level_points = [  # per level: points (H*W*A, 2), strides (H*W*A,); shared by all images
+            anchor_points([size], [stride], self.num_anchors, self.device)
+            for size, stride in zip(sizes, self.strides)
+        ]
         results: List[Instances] = []
         for image_index, image_size in enumerate(images.image_sizes):
             per_level = []
-            for level, (size, stride) in enumerate(zip(sizes, self.strides)):
-                points, strides = anchor_points([size], [stride], self.num_anchors, self.device)
+            for level, (points, strides) in enumerate(level_points):
                 scores = (
                     logits[level][image_index].sigmoid()
                     * objectness[level][image_index].sigmoid()[:, None]

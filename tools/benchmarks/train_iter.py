@@ -36,15 +36,13 @@ from common import (  # tools/benchmarks/common.py: the script's folder is on sy
     random_boxes,
 )
 from detectron2.config import CfgNode, get_cfg
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
-from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
 import musu
-from musu.modeling import build_musu_resnet_fpn_backbone
 
 
 def load_config(path: str, device: str, opts: List[str]) -> CfgNode:
@@ -67,34 +65,14 @@ def build_musu(cfg: CfgNode, num_anchors: int, score_thresh: float, seed: int) -
 
 
 def build_fcos(cfg: CfgNode, score_thresh: float, seed: int) -> FCOS:
-    """Detectron2's FCOS with MuSu's backbone, tower width / depth / norm and test settings."""
-    settings = cfg.MODEL.MUSU
+    """Detectron2's FCOS (META_ARCH "D2FCOS") from the same config: MuSu's backbone, tower width /
+    depth / norm and test settings."""
+    cfg = cfg.clone()
+    cfg.MODEL.META_ARCHITECTURE = "D2FCOS"
+    cfg.MODEL.MUSU.NUM_ANCHORS = 1
+    cfg.MODEL.MUSU.SCORE_THRESH_TEST = score_thresh
     torch.manual_seed(seed)
-    backbone = build_musu_resnet_fpn_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
-    shapes = backbone.output_shape()
-    input_shape = [shapes[f] for f in settings.IN_FEATURES]
-    head = FCOSHead(
-        input_shape=input_shape,
-        conv_dims=[input_shape[0].channels] * settings.NUM_CONVS,
-        norm=settings.NORM,
-        num_classes=settings.NUM_CLASSES,
-        prior_prob=settings.PRIOR_PROB,
-    )
-    model = FCOS(
-        backbone=backbone,
-        head=head,
-        head_in_features=list(settings.IN_FEATURES),
-        num_classes=settings.NUM_CLASSES,
-        focal_loss_alpha=settings.FOCAL_LOSS_ALPHA,
-        focal_loss_gamma=settings.FOCAL_LOSS_GAMMA,
-        test_score_thresh=score_thresh,
-        test_topk_candidates=settings.TOPK_CANDIDATES_TEST,
-        test_nms_thresh=settings.NMS_THRESH_TEST,
-        max_detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
-        pixel_mean=cfg.MODEL.PIXEL_MEAN,
-        pixel_std=cfg.MODEL.PIXEL_STD,
-    )
-    return model.to(torch.device(cfg.MODEL.DEVICE))
+    return build_model(cfg)
 
 
 def random_batch(
