@@ -43,16 +43,18 @@ d2_ok() { "$PYTHON" -c 'import detectron2, detectron2._C' >/dev/null 2>&1; }
 if d2_ok; then
   say "detectron2: present ($("$PYTHON" -c 'import detectron2, os; print(os.path.dirname(detectron2.__file__))'))"
 else
-  "${PIP[@]}" "setuptools>=64" wheel ninja >/dev/null || true
+  # Build with the installed torch (no build isolation) through PEP 517: Detectron2 has no
+  # pyproject.toml, and pip's legacy `setup.py develop` path would build in an isolated env.
+  "${PIP[@]}" "setuptools>=64" ninja >/dev/null || true
   if [ -n "${DETECTRON2_SRC:-}" ]; then
     [ -f "$DETECTRON2_SRC/setup.py" ] || die "DETECTRON2_SRC=$DETECTRON2_SRC is not a Detectron2 clone (no setup.py)."
     say "detectron2: building from DETECTRON2_SRC=$DETECTRON2_SRC"
     (cd "$DETECTRON2_SRC" && rm -rf build && find detectron2 -name '_C*.so' -delete) || true
-    "${PIP[@]}" --no-build-isolation -e "$DETECTRON2_SRC" \
+    "${PIP[@]}" --no-build-isolation --use-pep517 -e "$DETECTRON2_SRC" \
       || die "building Detectron2 from $DETECTRON2_SRC failed (see the output above)."
   else
     say "detectron2: building from $D2_GIT_URL"
-    "${PIP[@]}" --no-build-isolation "$D2_GIT_URL" || die "Detectron2 is not installed and could not be installed.
+    "${PIP[@]}" --no-build-isolation --use-pep517 "$D2_GIT_URL" || die "Detectron2 is not installed and could not be installed.
   Detectron2 is not on PyPI. Either give this machine access to GitHub, or clone it elsewhere
   and point this script at the clone:
       git clone https://github.com/facebookresearch/detectron2.git /path/to/detectron2
