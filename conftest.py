@@ -52,3 +52,15 @@ def pytest_configure(config: pytest.Config) -> None:
             "musu's test requirements are missing:\n" + "\n".join(problems) + "\n" + _FIX,
             returncode=3,
         )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def single_torch_thread():
+    """One intra-op thread for the whole suite: the tests' models are tiny, and on a 2-core
+    machine with other work running, multi-threaded small ops mostly wait on each other."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

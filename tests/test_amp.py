@@ -18,14 +18,6 @@ import musu
 from musu.modeling.assigner import MuSuAssigner
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _tiny_model(num_anchors: int):
     cfg = get_cfg()
     musu.add_musu_config(cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
@@ -31,16 +31,6 @@ CONFIG_SOURCE = REPO / "musu" / "config.py"
 SYNTHETIC_CONFIG = CONFIG_DIR / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
 COCO_R50_1X = CONFIG_DIR / "COCO-Detection" / "musu_R_50_FPN_1x.yaml"
 TINY_SIZE = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """One intra-op thread for this module (restored afterwards): these tiny convolutions are
-    far slower with 2 threads on a shared, oversubscribed 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def musu_cfg() -> CfgNode:

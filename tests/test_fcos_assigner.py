@@ -7,7 +7,7 @@ gets the same points as anchor boxes of side s centred on them.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 import torch
@@ -25,14 +25,6 @@ from musu.modeling.meta_arch import anchor_points
 
 STRIDES = [8, 16, 32, 64, 128]
 NUM_CLASSES = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def feature_sizes(height: int, width: int) -> List[Tuple[int, int]]:

@@ -9,7 +9,7 @@ normalize) and tiny feature maps.
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import pytest
 import torch
@@ -29,16 +29,6 @@ PAPER_CHANNELS = 256
 PAPER_CLASSES = 80
 # Feature sizes (H, W) of a 64 x 96 image at strides 8..128 (non-square on purpose).
 FEATURE_SIZES = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """One intra-op thread for this module (restored afterwards): these tiny convolutions are
-    far slower with 2 threads on a shared, oversubscribed 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import pytest
 import torch
@@ -36,16 +36,6 @@ STAT_KEYS = (
     "musu/cls_weight_per_object",
     "musu/reg_weight_per_object",
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """One intra-op thread for this module (restored afterwards): these tiny convolutions are
-    far slower with 2 threads on a shared, oversubscribed 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def synthetic_cfg(size: int = 64, overrides: Sequence[Any] = ()) -> CfgNode:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, List, Sequence
+from typing import Any, List, Sequence
 
 import pytest
 import torch
@@ -39,14 +39,6 @@ sys.path.insert(0, str(REPO))  # train_net.py is a script at the root, not in th
 import train_net  # noqa: E402
 
 SYNTHETIC_CONFIG = REPO / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class _Capture(logging.Handler):

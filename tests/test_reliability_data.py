@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import pytest
 import torch
@@ -36,14 +36,6 @@ import train_net  # noqa: E402
 
 SYNTHETIC_CONFIG = REPO / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
 STRIDES = [8, 16, 32, 64, 128]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_cfg(size: int = 64, overrides: Sequence[Any] = ()) -> CfgNode:

@@ -12,7 +12,7 @@ which DDP rejects for CPU modules: ``DefaultTrainer`` itself cannot run multi-pr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
 import torch
@@ -31,14 +31,6 @@ from musu.modeling import meta_arch
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC_CONFIG = REPO / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
 WORLD_SIZE = 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_cfg() -> CfgNode:

@@ -41,14 +41,6 @@ NAME = "Synthetic/musu_R_18_FPN_synthetic"
 SERVER_LIFETIME_S = 300.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class Mirror:
     """A folder served over HTTP on 127.0.0.1; counts GETs per path, can serve other bytes."""
 

@@ -7,7 +7,6 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -27,14 +26,6 @@ from musu.model_zoo.publish import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAME = "Synthetic/musu_R_18_FPN_synthetic"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _model() -> nn.Module:

@@ -7,27 +7,18 @@ Eq. S2 directly. Notation: K examples, P positives.
 
 from __future__ import annotations
 
-from typing import Iterator, List, Tuple
+from typing import List, Tuple
 
+import musu_ranksort.rank_sort as rs_module
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import musu_ranksort.rank_sort as rs_module
 from musu_ranksort import rank_sort_loss
 from musu_ranksort.rank_sort import rank_sort_errors, smoothed_step, step_sums
 
 FIG_S1_LOGITS = [3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0]
 FIG_S1_LABELS = [0.9, 0.4, 0.0, 0.0, 0.8, 0.0, 0.1, 0.0]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def step(x: float, delta: float) -> float:

@@ -9,36 +9,27 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from typing import Iterator, List
+from typing import List
 
+import musu_ranksort
 import pytest
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 from fvcore.nn import giou_loss
+from musu_ranksort import MuSuRankSort, add_ranksort_config, merged_logits
+from musu_ranksort.meta_arch import paired_iou
 from test_ranksort_loss import reference_rank_sort
 
 import musu
-import musu_ranksort
 from musu.modeling import Assignment, MuSu, MuSuAssigner
 from musu.modeling.fcos_assigner import FCOSAssigner
-from musu_ranksort import MuSuRankSort, add_ranksort_config, merged_logits
-from musu_ranksort.meta_arch import paired_iou
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((PROJECT / "configs").rglob("*.yaml"))
 SYNTHETIC = PROJECT / "configs" / "Synthetic"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def project_cfg(path: Path, opts: List = ()) -> CfgNode:
