@@ -52,6 +52,11 @@ def add_musu_config(cfg: CN) -> None:
     # --- Assigner (Procedure 1) ---
     # Assigner builder registered in musu.modeling.build.ASSIGNER_REGISTRY (cfg -> assigner).
     _C.MODEL.MUSU.ASSIGNER = "build_musu_assigner"
+    # Assigner used instead of ASSIGNER during the first WARMUP_ASSIGNER_ITERS iterations (a
+    # geometric warm start, not in the paper; its only early prior is the 2s x 2s initial box).
+    _C.MODEL.MUSU.WARMUP_ASSIGNER = "build_fcos_assigner"
+    # Length of that warm start in training iterations; 0 disables it (paper setting).
+    _C.MODEL.MUSU.WARMUP_ASSIGNER_ITERS = 0
     # theta in q = IoU ** theta (Eq. 1).
     _C.MODEL.MUSU.THETA = 4.0
     # b in the candidate-bag threshold t = b * max P (Eq. 2); must lie in (0, 1).
@@ -167,3 +172,5 @@ def validate_musu_config(cfg: CN) -> None:
     if not isinstance(musu.TOPK_CANDIDATES_TEST, int) or musu.TOPK_CANDIDATES_TEST < 1:
         _fail("TOPK_CANDIDATES_TEST", "must be an integer >= 1", musu.TOPK_CANDIDATES_TEST)
     _check_range(cfg, "NMS_THRESH_TEST", 0.0, 1.0, closed=True)
+    if not isinstance(musu.WARMUP_ASSIGNER_ITERS, int) or musu.WARMUP_ASSIGNER_ITERS < 0:
+        _fail("WARMUP_ASSIGNER_ITERS", "must be an integer >= 0", musu.WARMUP_ASSIGNER_ITERS)

@@ -101,3 +101,15 @@ def test_grid_that_does_not_match_points_is_refused() -> None:
             [torch.tensor([0])],
             grid=grid,
         )
+
+
+def test_grid_tensors_are_cached_and_usable_for_training_after_inference_mode():
+    grid = AnchorGrid(((3, 4), (2, 2)), (8.0, 16.0), 2)
+    with torch.inference_mode():
+        first = grid.points()
+    assert not first.is_inference()
+    assert grid.points() is first  # cached per (grid, device)
+    assert torch.equal(grid.point_strides(), torch.tensor([8.0] * 24 + [16.0] * 8))
+    offsets = torch.zeros(len(first), 2, requires_grad=True)
+    (first * offsets).sum().backward()  # a cached grid still serves autograd
+    assert torch.equal(offsets.grad, first)

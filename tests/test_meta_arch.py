@@ -550,3 +550,40 @@ def test_no_nms_keeps_all_candidates() -> None:
         level_scores = cls_level[0].sigmoid() * obj_level[0].sigmoid()  # (C, H, W), A = 1
         expected += min(int((level_scores > model.test_score_thresh).sum()), topk)
     assert len(results[0]) == min(expected, max_det)
+
+
+def test_warmup_assigner_replaces_the_main_one_for_its_iterations() -> None:
+    """MODEL.MUSU.WARMUP_ASSIGNER_ITERS 2: the FCOS rule decides the samples at iterations 0-1
+    (static weights: tau_cls 0), MuSu's assigner from iteration 2 on (adaptive tau_cls > 0)."""
+    cfg = synthetic_cfg(overrides=["MODEL.MUSU.WARMUP_ASSIGNER_ITERS", 2])
+    model = build(cfg)
+    generator = torch.Generator().manual_seed(3)
+    inputs = [random_input(3, 64, generator) for _ in range(2)]
+    main, warmup = _RecordingAssigner(model.assigner), _RecordingAssigner(model.warmup_assigner)
+    model.assigner, model.warmup_assigner = main, warmup
+    with EventStorage(start_iter=0) as storage:
+        for iteration in range(3):
+            storage.iter = iteration
+            model(inputs)
+    assert (len(warmup.calls), len(main.calls)) == (2, 1)
+    assert all(float(call["out"].tau_cls.max()) == 0.0 for call in warmup.calls)
+    assert float(main.calls[0]["out"].tau_cls.max()) > 0.0
+    # Outside a trainer (no EventStorage) the main assigner is used.
+    model(inputs)
+    assert len(main.calls) == 2
+
+
+def test_warmup_assigner_config_errors_name_the_key() -> None:
+    with pytest.raises(ValueError, match="MODEL.MUSU.WARMUP_ASSIGNER_ITERS"):
+        build(synthetic_cfg(overrides=["MODEL.MUSU.WARMUP_ASSIGNER_ITERS", -1]))
+    with pytest.raises(ValueError, match="MODEL.MUSU.WARMUP_ASSIGNER 'nope'"):
+        build(
+            synthetic_cfg(
+                overrides=[
+                    "MODEL.MUSU.WARMUP_ASSIGNER_ITERS",
+                    5,
+                    "MODEL.MUSU.WARMUP_ASSIGNER",
+                    "nope",
+                ]
+            )
+        )

@@ -12,6 +12,7 @@ boolean (N, M_max, R) test; all later work is done on the P inside pairs only.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -113,20 +114,59 @@ class AnchorGrid:
     num_anchors: int
 
     def points(self, device: torch.device | str = "cpu") -> Tensor:
-        """(R, 2) float32 points (x, y) in (level, H, W, A) order."""
-        per_level = []
-        for (height, width), stride in zip(self.feature_sizes, self.strides):
-            xs = self._coordinates(torch.arange(width, device=device), stride)  # (W,)
-            ys = self._coordinates(torch.arange(height, device=device), stride)  # (H,)
-            grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (H, W)
-            level = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)  # (H*W, 2)
-            per_level.append(level.repeat_interleave(self.num_anchors, dim=0))
-        return torch.cat(per_level)
+        """(R, 2) float32 points (x, y) in (level, H, W, A) order.
+
+        Cached per (grid, device): repeated calls return the same tensor, so treat it as
+        read-only (clone before modifying it in place).
+        """
+        return _grid_tensors(self, torch.device(device))[0]
+
+    def point_strides(self, device: torch.device | str = "cpu") -> Tensor:
+        """(R,) float32 stride of every point, same order and caching as :meth:`points`."""
+        return _grid_tensors(self, torch.device(device))[1]
 
     @staticmethod
     def _coordinates(index: Tensor, stride: float) -> Tensor:
         """Float32 coordinate (index + 0.5) * stride, computed exactly as in points()."""
         return (index.to(torch.float32) + 0.5) * float(stride)
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_tensors(grid: AnchorGrid, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """Points (R, 2) and strides (R,) of a grid, built once per (grid, device).
+
+    Built as normal tensors even under ``torch.inference_mode`` so that a grid first seen during
+    evaluation can still serve training.
+    """
+    with torch.inference_mode(False):
+        return _build_grid_tensors(grid, device)
+
+
+def _build_grid_tensors(grid: AnchorGrid, device: torch.device) -> Tuple[Tensor, Tensor]:
+    points, strides = [], []
+    for (height, width), stride in zip(grid.feature_sizes, grid.strides):
+        xs = AnchorGrid._coordinates(torch.arange(width, device=device), stride)  # (W,)
+        ys = AnchorGrid._coordinates(torch.arange(height, device=device), stride)  # (H,)
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (H, W)
+        level = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)  # (H*W, 2)
+        points.append(level.repeat_interleave(grid.num_anchors, dim=0))
+        count = height * width * grid.num_anchors
+        strides.append(torch.full((count,), float(stride), device=device))
+    if not points:
+        return torch.zeros(0, 2, device=device), torch.zeros(0, device=device)
+    return torch.cat(points), torch.cat(strides)
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_levels(grid: AnchorGrid, device: torch.device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per level (L,): heights, widths (long), strides (float32), offset of its first slot."""
+    with torch.inference_mode(False):
+        heights = torch.tensor([h for h, _ in grid.feature_sizes], device=device)
+        widths = torch.tensor([w for _, w in grid.feature_sizes], device=device)
+        strides = torch.tensor(grid.strides, dtype=torch.float32, device=device)
+        slots_per_level = heights * widths * grid.num_anchors
+        level_offset = torch.cumsum(slots_per_level, 0) - slots_per_level
+    return heights, widths, strides, level_offset
 
 
 def _grid_index_range(
@@ -159,10 +199,7 @@ def _grid_inside_pairs(grid: AnchorGrid, boxes: Tensor) -> Tuple[Tensor, Tensor,
     device = boxes.device
     num_images, max_objects = boxes.shape[:2]
     slots = grid.num_anchors
-    heights = torch.tensor([h for h, _ in grid.feature_sizes], device=device)  # (L,)
-    widths = torch.tensor([w for _, w in grid.feature_sizes], device=device)
-    strides = torch.tensor(grid.strides, dtype=torch.float32, device=device)
-    level_offset = torch.cumsum(heights * widths * slots, 0) - heights * widths * slots  # (L,)
+    heights, widths, strides, level_offset = _grid_levels(grid, device)  # (L,) each
     x_first, x_last = _grid_index_range(boxes[..., 0:1], boxes[..., 2:3], strides, widths)
     y_first, y_last = _grid_index_range(boxes[..., 1:2], boxes[..., 3:4], strides, heights)
     num_x = (x_last - x_first + 1).clamp(min=0)  # (N, M, L)
@@ -279,9 +316,18 @@ class MuSuAssigner:
                     f"image {n}: gt_boxes must be (M, 4) and gt_classes (M,), "
                     f"got {tuple(boxes.shape)} and {tuple(classes.shape)}"
                 )
-            if len(classes) and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
+        all_classes = torch.cat([c.reshape(-1) for c in gt_classes]) if gt_classes else None
+        if all_classes is not None and len(all_classes):
+            low, high = (int(v) for v in torch.aminmax(all_classes))
+            if low < 0 or high >= num_classes:
+                image = next(
+                    n
+                    for n, c in enumerate(gt_classes)
+                    if len(c) and (int(c.min()) < 0 or int(c.max()) >= num_classes)
+                )
+                classes = gt_classes[image]
                 raise ValueError(
-                    f"image {n}: gt_classes must lie in [0, {num_classes}), "
+                    f"image {image}: gt_classes must lie in [0, {num_classes}), "
                     f"got values in [{int(classes.min())}, {int(classes.max())}]"
                 )
 

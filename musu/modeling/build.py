@@ -37,15 +37,16 @@ def build_musu_assigner(cfg) -> MuSuAssigner:
     )
 
 
-def build_assigner(cfg) -> AssignerFn:
-    """The assigner named by ``MODEL.MUSU.ASSIGNER``; a clear error for an unknown name."""
-    name = cfg.MODEL.MUSU.ASSIGNER
+def build_assigner(cfg, key: str = "ASSIGNER") -> AssignerFn:
+    """The assigner named by ``MODEL.MUSU.<key>`` (default ``ASSIGNER``; also
+    ``WARMUP_ASSIGNER``); a clear error naming the key for an unknown name."""
+    name = cfg.MODEL.MUSU[key]
     try:
         builder = ASSIGNER_REGISTRY.get(name)
     except KeyError:
         known = sorted(name for name, _ in ASSIGNER_REGISTRY)
         raise ValueError(
-            f"Invalid config: MODEL.MUSU.ASSIGNER {name!r} is not registered (known: {known}); "
+            f"Invalid config: MODEL.MUSU.{key} {name!r} is not registered (known: {known}); "
             "import the module that registers it before building the model"
         ) from None
     return builder(cfg)

@@ -46,17 +46,14 @@ _MAX_LOG_DISTANCE = 12.0
 def anchor_points(
     feature_sizes: List[Tuple[int, int]], strides: List[int], num_anchors: int, device
 ) -> Tuple[Tensor, Tensor]:
-    """Anchor points (R, 2) at cell centres ((j + 0.5) * s, (i + 0.5) * s), and strides (R,).
+    """Anchor points (R, 2) at cell centres ((j + 0.5) * s, (i + 0.5) * s), and strides (R,);
+    cached per layout and device (read-only, see :meth:`AnchorGrid.points`).
 
     Order matches the head outputs flattened as (level, H, W, A): every location's point is
     repeated for its A slots. The points are ``AnchorGrid(...).points()``.
     """
     grid = AnchorGrid(tuple(tuple(size) for size in feature_sizes), tuple(strides), num_anchors)
-    point_strides = [
-        torch.full((height * width * num_anchors,), float(stride), device=device)
-        for (height, width), stride in zip(feature_sizes, strides)
-    ]
-    return grid.points(device), torch.cat(point_strides)
+    return grid.points(device), grid.point_strides(device)
 
 
 def decode_boxes(points: Tensor, strides: Tensor, log_distances: Tensor) -> Tensor:
@@ -166,6 +163,8 @@ class MuSu(DenseDetector):
         head_in_features: List[str],
         assigner: Callable[..., Assignment],
         num_classes: int,
+        warmup_assigner: Optional[Callable[..., Assignment]] = None,
+        warmup_assigner_iters: int = 0,
         focal_loss_alpha: float = 0.25,
         focal_loss_gamma: float = 2.0,
         beta: float = 4.0,
@@ -185,6 +184,8 @@ class MuSu(DenseDetector):
         self.num_classes = num_classes
         self.num_anchors = head.num_anchors
         self.assigner = assigner
+        self.warmup_assigner = warmup_assigner
+        self.warmup_assigner_iters = warmup_assigner_iters if warmup_assigner is not None else 0
         self.focal_loss_alpha = focal_loss_alpha
         self.focal_loss_gamma = focal_loss_gamma
         self.beta = beta
@@ -207,6 +208,10 @@ class MuSu(DenseDetector):
             "head_in_features": list(musu.IN_FEATURES),
             "assigner": build_assigner(cfg),
             "num_classes": musu.NUM_CLASSES,
+            "warmup_assigner": (
+                build_assigner(cfg, "WARMUP_ASSIGNER") if musu.WARMUP_ASSIGNER_ITERS > 0 else None
+            ),
+            "warmup_assigner_iters": musu.WARMUP_ASSIGNER_ITERS,
             "focal_loss_alpha": musu.FOCAL_LOSS_ALPHA,
             "focal_loss_gamma": musu.FOCAL_LOSS_GAMMA,
             "beta": musu.BETA,
@@ -297,16 +302,29 @@ class MuSu(DenseDetector):
             gt_boxes, gt_classes, crowd_boxes = _split_crowd(gt_instances)
             with torch.no_grad():
                 scores = cls_logits.detach().sigmoid() * obj_logits.detach().sigmoid()[..., None]
+                assigner = self._current_assigner()
                 # Assigners that accept the grid layout list inside pairs per box (O(pairs)).
-                takes_grid = "grid" in inspect.signature(self.assigner).parameters
+                takes_grid = "grid" in inspect.signature(assigner).parameters
                 extra = {"grid": self._grid(features)} if takes_grid else {}
-                assignment = self.assigner(
+                assignment = assigner(
                     points, scores, pred_boxes.detach(), gt_boxes, gt_classes, **extra
                 )
                 if crowd_boxes is not None:
                     assignment = _ignore_crowd_regions(assignment, points, crowd_boxes)
             self._log_assignment(assignment)
             return self.losses(cls_logits, obj_logits, pred_boxes, gt_boxes, gt_classes, assignment)
+
+    def _current_assigner(self) -> Callable[..., Assignment]:
+        """The warm-up assigner during the first ``warmup_assigner_iters`` iterations of the
+        trainer's EventStorage, else (and outside a trainer) the main assigner."""
+        if self.warmup_assigner_iters > 0:
+            try:
+                iteration = get_event_storage().iter
+            except AssertionError:  # no EventStorage: not inside a trainer
+                return self.assigner
+            if iteration < self.warmup_assigner_iters:
+                return self.warmup_assigner
+        return self.assigner
 
     def losses(
         self,

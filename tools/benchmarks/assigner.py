@@ -1,12 +1,14 @@
 """Time and peak memory of the MuSu assigner next to Detectron2's FCOS label assignment.
 
-Inputs (deterministic, ``--seed``): N = 2 images of 800 x 1333 (padded to 800 x 1344), FPN
-strides 8-128, R = A x 22,400 anchor slots, C = 80 classes; M objects per image with COCO-like
+Inputs (deterministic, ``--seed``): N = 2 images per ``--sizes`` entry (default 400 x 667 and
+800 x 1333, padded to multiples of 32 as ImageList does), FPN strides 8-128, R = A x 5,635 or
+A x 22,400 anchor slots (A = 1, 3, 5: R from 5.6k to 112k), C = 80 classes; M objects per image with COCO-like
 sizes (8-800 px, see ``common.random_boxes``); scores uniform in [0, 1]; predicted boxes
 ``point -/+ stride * exp(noise)``, noise ~ N(0, 1) per side. Both sides get precomputed
-anchors: ``MuSuAssigner()(points, scores, pred_boxes, gt_boxes, gt_classes)`` against
-``FCOS.label_anchors(anchors, gt_instances)`` of a real ``FCOS`` (A = 1 only: FCOS has one
-anchor per location; the A = 3 rows compare MuSu on 3x the anchors against the same FCOS).
+anchors: ``MuSuAssigner()(points, scores, pred_boxes, gt_boxes, gt_classes, grid=grid)`` against
+``FCOS.label_anchors(anchors, gt_instances)`` of a real ``FCOS`` on the same R anchor slots
+(FCOS's own anchors at A = 1; at A > 1 each location's anchor repeated A times, i.e. the FCOS rule
+labelling every slot, which is what MuSu's FCOS-rule assigner does at A > 1).
 
 Time: each row measures MuSu and FCOS interleaved (order alternating) ``--repeats`` times after
 a warm-up; it reports medians, and the time ratio as the median of the per-repeat ratios.
@@ -54,8 +56,7 @@ from torch import Tensor
 from musu.modeling.assigner import AnchorGrid, MuSuAssigner
 from musu.modeling.meta_arch import anchor_points
 
-IMAGE_SIZE = (800, 1333)  # (H, W)
-PADDED_SIZE = (800, 1344)  # padded to a multiple of 32, as ImageList does
+IMAGE_SIZES = {400: (400, 667), 800: (800, 1333)}  # shorter side -> (H, W), 1333/800 aspect
 STRIDES = [8, 16, 32, 64, 128]
 LEVELS = ["p3", "p4", "p5", "p6", "p7"]
 NUM_CLASSES = 80
@@ -93,17 +94,23 @@ def build_fcos(device: torch.device) -> FCOS:
     return model.to(device).eval()
 
 
-def feature_sizes() -> List[Tuple[int, int]]:
-    """(H_l, W_l) per level: ceil(padded size / stride)."""
-    return [(math.ceil(PADDED_SIZE[0] / s), math.ceil(PADDED_SIZE[1] / s)) for s in STRIDES]
+def image_size(short_side: int) -> Tuple[int, int]:
+    """(H, W) of a landscape image with the given shorter side and COCO's 800 x 1333 aspect."""
+    return IMAGE_SIZES.get(short_side, (short_side, round(short_side * 1333 / 800)))
+
+
+def feature_sizes(size: Tuple[int, int]) -> List[Tuple[int, int]]:
+    """(H_l, W_l) per level: ceil(padded size / stride), the image padded to a multiple of 32."""
+    padded = [math.ceil(side / 32) * 32 for side in size]
+    return [(math.ceil(padded[0] / s), math.ceil(padded[1] / s)) for s in STRIDES]
 
 
 def ground_truth(
-    num_images: int, num_objects: int, seed: int, device: torch.device
+    num_images: int, num_objects: int, size: Tuple[int, int], seed: int, device: torch.device
 ) -> Tuple[List[Tensor], List[Tensor]]:
-    """N boxes (M, 4) XYXY and N classes (M,), the same for every A at a given M."""
+    """N boxes (M, 4) XYXY and N classes (M,), the same for every A at a given M and size."""
     generator = torch.Generator().manual_seed(seed * 1000 + num_objects)
-    boxes = [random_boxes(num_objects, IMAGE_SIZE, generator) for _ in range(num_images)]
+    boxes = [random_boxes(num_objects, size, generator) for _ in range(num_images)]
     classes = [
         torch.randint(NUM_CLASSES, (num_objects,), generator=generator) for _ in range(num_images)
     ]
@@ -111,10 +118,11 @@ def ground_truth(
 
 
 def musu_inputs(
-    num_images: int, num_anchors: int, seed: int, device: torch.device
+    num_images: int, num_anchors: int, size: Tuple[int, int], seed: int, device: torch.device
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """points (R, 2), scores (N, R, C) ~ U[0, 1], pred_boxes (N, R, 4) = point -/+ s * e^noise."""
-    points, strides = anchor_points(feature_sizes(), STRIDES, num_anchors, torch.device("cpu"))
+    grid_sizes = feature_sizes(size)
+    points, strides = anchor_points(grid_sizes, STRIDES, num_anchors, torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed * 1000 + 7 * num_anchors)
     num_points = len(points)
     scores = torch.rand(num_images, num_points, NUM_CLASSES, generator=generator)
@@ -125,13 +133,24 @@ def musu_inputs(
 
 
 def fcos_inputs(
-    fcos: FCOS, gt_boxes: List[Tensor], gt_classes: List[Tensor], device: torch.device
+    fcos: FCOS,
+    gt_boxes: List[Tensor],
+    gt_classes: List[Tensor],
+    size: Tuple[int, int],
+    num_anchors: int,
+    device: torch.device,
 ) -> Tuple[List[Boxes], List[Instances]]:
-    """Anchors from ``fcos.anchor_generator`` on dummy (1, 1, H_l, W_l) features, and Instances."""
-    features = [torch.zeros(1, 1, h, w, device=device) for h, w in feature_sizes()]
-    anchors = fcos.anchor_generator(features)
+    """A slots per location of ``fcos.anchor_generator``'s anchors on dummy (1, 1, H_l, W_l)
+    features, and the Instances."""
+    features = [torch.zeros(1, 1, h, w, device=device) for h, w in feature_sizes(size)]
+    # The same R = A x locations anchor slots MuSu gets: each location's point repeated A times
+    # in (H, W, A) order, so the FCOS rule labels every slot as MuSu's FCOS-rule assigner does.
+    anchors = [
+        Boxes(level.tensor.repeat_interleave(num_anchors, dim=0))
+        for level in fcos.anchor_generator(features)
+    ]
     instances = [
-        Instances(IMAGE_SIZE, gt_boxes=Boxes(b), gt_classes=c) for b, c in zip(gt_boxes, gt_classes)
+        Instances(size, gt_boxes=Boxes(b), gt_classes=c) for b, c in zip(gt_boxes, gt_classes)
     ]
     return anchors, instances
 
@@ -225,16 +244,17 @@ def measure(
     fcos: FCOS,
     num_anchors: int,
     num_objects: int,
+    size: Tuple[int, int],
     args: argparse.Namespace,
     device: torch.device,
 ) -> Dict[str, object]:
     """One table row: MuSu and FCOS timed interleaved on the same ground truth, then peaks."""
-    gt_boxes, gt_classes = ground_truth(args.images, num_objects, args.seed, device)
-    anchors, instances = fcos_inputs(fcos, gt_boxes, gt_classes, device)
-    points, scores, pred_boxes = musu_inputs(args.images, num_anchors, args.seed, device)
+    gt_boxes, gt_classes = ground_truth(args.images, num_objects, size, args.seed, device)
+    anchors, instances = fcos_inputs(fcos, gt_boxes, gt_classes, size, num_anchors, device)
+    points, scores, pred_boxes = musu_inputs(args.images, num_anchors, size, args.seed, device)
     grid = None
     if args.pairs == "grid":  # as the detector calls it: inside pairs listed per box
-        grid = AnchorGrid(tuple(feature_sizes()), tuple(STRIDES), num_anchors)
+        grid = AnchorGrid(tuple(feature_sizes(size)), tuple(STRIDES), num_anchors)
     run_musu = partial(assigner, points, scores, pred_boxes, gt_boxes, gt_classes, grid=grid)
     run_fcos = partial(fcos.label_anchors, anchors, instances)
 
@@ -246,6 +266,7 @@ def measure(
     assigned = int((run_musu().gt_index >= 0).sum())  # (N, R) -> anchors in a candidate bag
     positives = sum(int((labels != NUM_CLASSES).sum()) for labels in run_fcos()[0])
     row: Dict[str, object] = {
+        "image": f"{size[0]}x{size[1]}",
         "A": num_anchors,
         "M": num_objects,
         "R": len(points),
@@ -261,7 +282,7 @@ def measure(
         "fcos_positives_per_image": positives / args.images,
     }
     if args.profile and device.type == "cpu":
-        label = f"A={num_anchors}, M={num_objects}"
+        label = f"{size[0]}x{size[1]}, A={num_anchors}, M={num_objects}"
         row["profile"] = print_profiles(run_musu, run_fcos, label)
     return row
 
@@ -269,10 +290,21 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--num-anchors", type=int, nargs="+", default=[1, 3], help="MuSu A values")
-    parser.add_argument("--objects", type=int, nargs="+", default=[10, 100, 500], help="M values")
+    parser.add_argument(
+        "--num-anchors", type=int, nargs="+", default=[1, 3, 5], help="MuSu A values"
+    )
+    parser.add_argument(
+        "--objects", type=int, nargs="+", default=[1, 10, 100, 500, 1000], help="M values"
+    )
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[400, 800],
+        help="image shorter sides (H); W = H * 1333 / 800",
+    )
     parser.add_argument("--images", type=int, default=2, help="N")
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls of each, interleaved")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of each, interleaved")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -300,15 +332,23 @@ def main() -> None:
     assigner = MuSuAssigner()
     fcos = build_fcos(device)
     records = []
-    for num_objects in args.objects:
-        for num_anchors in args.num_anchors:
-            records.append(measure(assigner, fcos, num_anchors, num_objects, args, device))
-            print(f"measured A={num_anchors} M={num_objects}", file=sys.stderr, flush=True)
+    for short_side in args.sizes:
+        size = image_size(short_side)
+        for num_objects in args.objects:
+            for num_anchors in args.num_anchors:
+                records.append(
+                    measure(assigner, fcos, num_anchors, num_objects, size, args, device)
+                )
+                print(
+                    f"measured {size[0]}x{size[1]} A={num_anchors} M={num_objects}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
-    headers = ["A", "M", "R", "MuSu ms", "FCOS ms", "time ratio", "MuSu peak MiB"]
+    headers = ["image", "A", "M", "R", "MuSu ms", "FCOS ms", "time ratio", "MuSu peak MiB"]
     headers += ["FCOS peak MiB", "memory ratio"]
-    formats = ["", "", "", ".1f", ".1f", ".2f", ".1f", ".1f", ".2f"]
-    keys = ["A", "M", "R", "musu_ms", "fcos_ms", "time_ratio", "musu_peak_mib"]
+    formats = ["", "", "", "", ".1f", ".1f", ".2f", ".1f", ".1f", ".2f"]
+    keys = ["image", "A", "M", "R", "musu_ms", "fcos_ms", "time_ratio", "musu_peak_mib"]
     keys += ["fcos_peak_mib", "memory_ratio"]
     rows = [[format(r[k], f) for k, f in zip(keys, formats)] for r in records]
     memory_method = (
@@ -317,8 +357,8 @@ def main() -> None:
         else "CPU allocator events via torch.profiler"
     )
     print(
-        f"\n### MuSu assigner vs Detectron2 FCOS.label_anchors ({args.images} images "
-        f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, strides {STRIDES}, C={NUM_CLASSES}, "
+        f"\n### MuSu assigner vs Detectron2 FCOS.label_anchors ({args.images} images per "
+        f"row, strides {STRIDES}, C={NUM_CLASSES}, "
         f"MuSu pairs: {args.pairs})\n"
     )
     print(markdown_table(headers, rows))
@@ -326,7 +366,8 @@ def main() -> None:
         f"\nTimes: medians of {args.repeats} calls each, MuSu and FCOS interleaved in one run "
         f"(order alternating); time ratio = median of the per-repeat MuSu/FCOS ratios. "
         f"Peak: tensor memory allocated during one call above its inputs ({memory_method}). "
-        f"FCOS has one anchor per location: at A=3 MuSu handles 3x the anchors of FCOS."
+        f"Both sides label the same R anchor slots (at A > 1 FCOS labels each location's "
+        f"point A times)."
     )
     print(f"\nEnvironment: {environment_summary(device)}")
     print(f"Command: `{command_line()}`")

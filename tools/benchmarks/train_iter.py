@@ -16,6 +16,12 @@ By default the score threshold of both is 0 (``--score-thresh``): at random init
 FCOS's sqrt(p * ctr) ~ 0.07 passes the config's 0.05 and MuSu's p * obj ~ 0.005 does not, so
 with the config's threshold they would post-process very different numbers of candidates.
 
+Inference time depends on the boxes NMS sees, and random-init boxes have nothing in common
+(MuSu's start as 2s x 2s squares, FCOS's as near-empty boxes): ``--weights FCOS_CKPT MUSU_CKPT``
+loads trained A = 1 checkpoints and ``--dataset NAME`` takes the inference images from a
+registered dataset (resized to ``--size`` on the shorter side), so that post-processing works on
+real detections; pass ``--score-thresh 0.05`` then, as the configs do.
+
 Usage (from the repository root): ``python tools/benchmarks/train_iter.py [--num-anchors 1 3]``.
 """
 
@@ -90,6 +96,31 @@ def random_batch(
     return inputs
 
 
+def dataset_images(name: str, count: int, size: int) -> List[Dict[str, object]]:
+    """The first ``count`` images of a registered dataset as (3, H, W) float tensors, shorter
+    side resized to ``size`` (longer side at most 1333/800 times it), BGR as the configs expect."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data import detection_utils as utils
+    from detectron2.data import transforms as T
+
+    import musu.data  # noqa: F401  (registers the built-in datasets)
+
+    resize = T.ResizeShortestEdge(size, max_size=round(size * 1333 / 800))
+    images = []
+    for record in DatasetCatalog.get(name)[:count]:
+        image = utils.read_image(record["file_name"], format="BGR")
+        image = resize.get_transform(image).apply_image(image)
+        images.append({"image": torch.as_tensor(image.transpose(2, 0, 1).astype("float32"))})
+    return images
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a Detectron2 checkpoint into ``model`` (the full state must match)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    DetectionCheckpointer(model).load(path)
+
+
 def num_parameters(model: nn.Module) -> int:
     """All parameters, trainable or not."""
     return sum(p.numel() for p in model.parameters())
@@ -136,8 +167,20 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (0: torch default); see README"
     )
+    parser.add_argument(
+        "--weights",
+        nargs=2,
+        metavar=("FCOS_CKPT", "MUSU_CKPT"),
+        default=None,
+        help="trained checkpoints of FCOS and MuSu A=1 (then --num-anchors must be 1)",
+    )
+    parser.add_argument(
+        "--dataset", default=None, help="registered dataset for the inference images"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args()
+    if args.weights is not None and args.num_anchors != [1]:
+        parser.error("--weights loads A = 1 checkpoints: pass --num-anchors 1")
     quiet_warnings()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -149,6 +192,9 @@ def main() -> None:
     models: Dict[str, nn.Module] = {"FCOS": build_fcos(cfg, args.score_thresh, args.seed)}
     for num_anchors in args.num_anchors:
         models[f"MuSu A={num_anchors}"] = build_musu(cfg, num_anchors, args.score_thresh, args.seed)
+    if args.weights is not None:
+        load_weights(models["FCOS"], args.weights[0])
+        load_weights(models["MuSu A=1"], args.weights[1])
     params = {name: num_parameters(model) for name, model in models.items()}
 
     generator = torch.Generator().manual_seed(args.seed)
@@ -157,7 +203,10 @@ def main() -> None:
         random_batch(args.batch, args.size, args.max_objects, num_classes, generator)
         for _ in range(2)
     ]
-    test_images = [{"image": x["image"]} for x in batches[0]]
+    if args.dataset is None:
+        test_images = [{"image": x["image"]} for x in batches[0]]
+    else:
+        test_images = dataset_images(args.dataset, args.batch, args.size)
 
     train = interleaved_timings(
         {name: train_step(model, batches) for name, model in models.items()},
@@ -205,6 +254,8 @@ def main() -> None:
         f"per-repeat ratios. Train = zero_grad + forward + assignment + losses + backward (no "
         f"optimizer step); inference = eval forward + post-processing of a batch of "
         f"{args.batch}, divided by {args.batch}; test score threshold {args.score_thresh} for both."
+        f" Weights: {'trained ' + ' / '.join(args.weights) if args.weights else 'random init'};"
+        f" inference images: {args.dataset or 'random'}."
     )
     if "MuSu A=1" in params:
         levels = len(cfg.MODEL.MUSU.IN_FEATURES)

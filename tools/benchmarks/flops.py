@@ -1,0 +1,141 @@
+"""Parameters and FLOPs (fvcore) of MuSu with A = 1..5 anchor slots against Detectron2's FCOS.
+
+Both are built from the same config (default: the paper's R-50 FPN setting,
+``configs/COCO-Detection/musu_R_50_FPN_1x.yaml``, 80 classes, GN heads of 4 x 256 channels):
+MuSu with ``MODEL.MUSU.NUM_ANCHORS A`` and Detectron2's own FCOS through the ``D2FCOS`` adaptor.
+FLOPs are fvcore's counts (one fused multiply-add = one flop, the convention of the paper's
+Table 7 and of Detectron2's ``flop_count_operators``) of the network, backbone + FPN + head, on
+one 3 x 800 x 1333 image padded to 800 x 1344 as ``ImageList`` does; post-processing (top-k,
+NMS) is not counted. Parameters: every parameter of the model, trainable or not.
+
+Usage (from the repository root): ``python tools/benchmarks/flops.py [--num-anchors 1 2 3 4 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from common import command_line, environment_summary, markdown_table, quiet_warnings
+from fvcore.nn import FlopCountAnalysis
+from torch import Tensor, nn
+from train_iter import build_fcos, build_musu, load_config, num_parameters
+
+# The paper's Table 7 (R-50, 1333 x 800): (params in M, GFLOPs) per model.
+PAPER_TABLE_7 = {
+    "FCOS": (32.07, 205.3),
+    "MuSu A=1": (32.07, 205.3),
+    "MuSu A=2": (32.27, 209.5),
+    "MuSu A=3": (32.46, 213.7),
+    "MuSu A=4": (32.66, 217.8),
+    "MuSu A=5": (32.85, 222.0),
+}
+
+
+class DenseNetwork(nn.Module):
+    """Backbone + head of a Detectron2 dense detector on a normalized, padded image tensor."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.backbone = detector.backbone
+        self.head = detector.head
+        self.in_features = list(detector.head_in_features)
+
+    def forward(self, images: Tensor) -> List[Tensor]:
+        features = self.backbone(images)
+        outputs = self.head([features[name] for name in self.in_features])
+        return [level for per_output in outputs for level in per_output]
+
+
+def count(model: nn.Module, images: Tensor) -> Dict[str, float]:
+    """Parameters (M) of the whole detector and GFLOPs of its network on ``images``."""
+    network = DenseNetwork(model).eval()
+    analysis = FlopCountAnalysis(network, images)
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    with torch.no_grad():
+        total = analysis.total()
+        by_module = analysis.by_module()
+    return {
+        "params_m": num_parameters(model) / 1e6,
+        "gflops": total / 1e9,
+        "head_gflops": by_module.get("head", 0) / 1e9,
+        "head_params_m": sum(p.numel() for p in model.head.parameters()) / 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/COCO-Detection/musu_R_50_FPN_1x.yaml")
+    parser.add_argument("--num-anchors", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1333)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE")
+    args = parser.parse_args()
+    quiet_warnings()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, "cpu", args.opts)
+    cfg.MODEL.WEIGHTS = ""
+    padded = [((side + 31) // 32) * 32 for side in (args.height, args.width)]
+    images = torch.zeros(1, 3, *padded)  # (1, 3, H_pad, W_pad), the content does not matter
+
+    models = {"FCOS": build_fcos(cfg, cfg.MODEL.MUSU.SCORE_THRESH_TEST, seed=0)}
+    for num_anchors in args.num_anchors:
+        models[f"MuSu A={num_anchors}"] = build_musu(
+            cfg, num_anchors, cfg.MODEL.MUSU.SCORE_THRESH_TEST, seed=0
+        )
+    records = []
+    for name, model in models.items():
+        row = {"model": name, **count(model, images)}
+        paper = PAPER_TABLE_7.get(name) if args.config.endswith("musu_R_50_FPN_1x.yaml") else None
+        row["paper_params_m"], row["paper_gflops"] = paper if paper else (None, None)
+        records.append(row)
+    base = records[0]
+    for row in records:
+        row["params_increment_m"] = row["params_m"] - base["params_m"]
+        row["gflops_increment"] = row["gflops"] - base["gflops"]
+        if row["paper_params_m"] is not None:
+            row["paper_params_increment_m"] = row["paper_params_m"] - PAPER_TABLE_7["FCOS"][0]
+            row["paper_gflops_increment"] = row["paper_gflops"] - PAPER_TABLE_7["FCOS"][1]
+
+    def cell(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    headers = ["model", "params M", "+ vs FCOS", "paper params M", "paper +"]
+    headers += ["GFLOPs", "+ vs FCOS", "paper GFLOPs", "paper +", "head GFLOPs"]
+    rows = [
+        [
+            r["model"],
+            cell(r["params_m"], ".2f"),
+            cell(r["params_increment_m"], "+.3f"),
+            cell(r["paper_params_m"], ".2f"),
+            cell(r.get("paper_params_increment_m"), "+.2f"),
+            cell(r["gflops"], ".1f"),
+            cell(r["gflops_increment"], "+.2f"),
+            cell(r["paper_gflops"], ".1f"),
+            cell(r.get("paper_gflops_increment"), "+.1f"),
+            cell(r["head_gflops"], ".1f"),
+        ]
+        for r in records
+    ]
+    print(
+        f"\n### Parameters and FLOPs ({args.config}, one {args.height}x{args.width} image padded "
+        f"to {padded[0]}x{padded[1]}; fvcore, 1 flop = 1 multiply-add)\n"
+    )
+    print(markdown_table(headers, rows))
+    print(f"\nEnvironment: {environment_summary(torch.device('cpu'))}")
+    print(f"Command: `{command_line()}`")
+    if args.json is not None:
+        payload = {"command": command_line(), "rows": records}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()
