@@ -5,10 +5,13 @@ backbone and the built-in datasets; ``musu.add_musu_config(cfg)`` adds ``cfg.MOD
 """
 
 # modeling first: musu.config reads the assigner's constants, and the meta-arch reads the config.
+# isort: off
 from . import data  # noqa: F401  (registers the built-in datasets)
 from . import evaluation  # noqa: F401  (ConsistencyEvaluator)
 from . import modeling  # noqa: F401  (registers META_ARCH "MuSu" and the backbone)
 from . import model_zoo  # noqa: F401 (registers musu://)
+
+# isort: on
 from .config import (
     add_musu_config,
     add_project_configs,
