@@ -1,0 +1,65 @@
+"""The benchmark scripts run end to end on tiny inputs and report what they claim to measure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "tools" / "benchmarks"
+SYNTHETIC = "configs/Synthetic/musu_R_18_FPN_synthetic.yaml"
+
+
+def run(script: str, *args: str) -> str:
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
+def test_assigner_benchmark_rows_cover_every_size_object_count_and_anchor_number(tmp_path):
+    out = tmp_path / "rows.json"
+    stdout = run(
+        "assigner.py",
+        *("--sizes", "64", "96", "--objects", "1", "3", "--num-anchors", "1", "2"),
+        *("--repeats", "1", "--warmup", "0", "--json", str(out)),
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["image"], r["M"], r["A"]) for r in rows] == [
+        (f"{h}x{w}", m, a) for h, w in ((64, 107), (96, 160)) for m in (1, 3) for a in (1, 2)
+    ]
+    for row in rows:
+        # R = A x locations of the padded image (64 x 128 or 96 x 160) over strides 8-128.
+        locations = {
+            "64x107": 8 * 16 + 4 * 8 + 2 * 4 + 1 * 2 + 1 * 1,
+            "96x160": 12 * 20 + 6 * 10 + 3 * 5 + 2 * 3 + 1 * 2,
+        }
+        assert row["R"] == row["A"] * locations[row["image"]]
+        assert row["musu_ms"] > 0 and row["fcos_ms"] > 0 and row["fcos_peak_mib"] > 0
+    assert "Command: `" in stdout and "| image | A | M | R |" in stdout
+
+
+def test_flops_benchmark_increment_per_anchor_is_one_output_conv(tmp_path):
+    out = tmp_path / "flops.json"
+    run(
+        "flops.py",
+        *("--config", SYNTHETIC, "--num-anchors", "1", "2", "--height", "64", "--width", "64"),
+        *("--json", str(out)),
+    )
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["MuSu A=1"]["gflops"] == rows["FCOS"]["gflops"]
+    channels, classes = 64, 5  # the synthetic config's FPN width and classes
+    per_anchor = (classes + 4 + 1) * (9 * channels + 1)
+    increment = (rows["MuSu A=2"]["params_m"] - rows["MuSu A=1"]["params_m"]) * 1e6
+    assert round(increment) == per_anchor
+    # FLOPs of the extra output channels: (C + 4 + 1) x 9 x channels per location of 5 levels.
+    locations = 8 * 8 + 4 * 4 + 2 * 2 + 1 + 1
+    flops = (rows["MuSu A=2"]["gflops"] - rows["MuSu A=1"]["gflops"]) * 1e9
+    assert round(flops) == (classes + 4 + 1) * 9 * channels * locations
