@@ -132,4 +132,5 @@ def test_evaluator_on_a_registered_dataset() -> None:
 def test_pre_nms_opts_disable_nms_and_keep_all_candidates() -> None:
     opts = dict(zip(PRE_NMS_OPTS[::2], PRE_NMS_OPTS[1::2]))
     assert float(opts["MODEL.MUSU.NMS_THRESH_TEST"]) == 1.0
+    assert float(opts["MODEL.RETINANET.NMS_THRESH_TEST"]) == 1.0
     assert int(opts["TEST.DETECTIONS_PER_IMAGE"]) >= 5 * 1000  # 5 levels x top-k 1000

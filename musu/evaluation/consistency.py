@@ -17,8 +17,8 @@ IoU with j exceeds ``iou_threshold`` (default 0: any overlap). On them:
 What NMS needs is consistency among its *input* candidates. A detector's final outputs are
 post-NMS, where near-duplicates are already gone; to measure pre-NMS candidates, run inference
 with NMS disabled: :data:`PRE_NMS_OPTS` (``MODEL.MUSU.NMS_THRESH_TEST 1.0`` keeps every box,
-``TEST.DETECTIONS_PER_IMAGE`` large keeps all of them). Both the MuSu META_ARCH and the D2FCOS
-adaptor read these keys; the score threshold and per-level top-k still apply, as they do before
+``TEST.DETECTIONS_PER_IMAGE`` large keeps all of them). The MuSu META_ARCH and the D2FCOS
+adaptor read these keys, RetinaNet-based detectors ``MODEL.RETINANET.NMS_THRESH_TEST``; the score threshold and per-level top-k still apply, as they do before
 NMS. ``tools/compare.py`` runs this pass.
 """
 
@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 # Config overrides for the pre-NMS consistency pass (see the module docstring).
 PRE_NMS_OPTS: List[str] = [
     "MODEL.MUSU.NMS_THRESH_TEST",
+    "1.0",
+    "MODEL.RETINANET.NMS_THRESH_TEST",  # RetinaNet-based detectors (projects/MutualGuidance)
     "1.0",
     "TEST.DETECTIONS_PER_IMAGE",
     "100000",
