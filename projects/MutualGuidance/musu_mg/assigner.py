@@ -19,9 +19,10 @@ Shapes: N images, M objects (padded to M_max), R anchors, C classes.
    Off: the static positives.
 
 Numerics: IoUs and IoU_amplified are computed in float64 and rounded to float32; every comparison
-acts on the float32 values. Cost: one boolean (N, M_max, R) overlap test per criterion (Detectron2's
-RetinaNet matcher builds a float (M, R) IoU matrix per image), then O(P) work on the P overlapping
-(image, object, anchor) pairs only.
+acts on the float32 values, against thresholds rounded to float32 too (an IoU of exactly 0.7
+passes POS_IOU 0.7). Cost: one boolean (N, M_max, R) overlap test per criterion (Detectron2's
+RetinaNet matcher builds a float (M, R) IoU matrix per image), then O(P) work on the P
+overlapping (image, object, anchor) pairs only.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from .selection import (
     count_per_object,
     intersecting_pairs,
     paired_box_iou,
+    rank_within_objects,
     ranked_claims,
     resolve_claims,
+    select_ranks,
 )
 
 __all__ = ["MutualGuidanceAssigner", "amplified"]
@@ -55,6 +58,8 @@ def check_inputs(
     name: str,
     anchor_width: int,
 ) -> None:
+    """ValueError (prefixed by ``name``) for inconsistent assigner inputs; anchors are (R, 4)
+    boxes (``anchor_width`` 4) or (R, 2) points (2)."""
     if anchors.dim() != 2 or anchors.shape[1] != anchor_width:
         raise ValueError(f"{name}: anchors must be (R, {anchor_width}), got {tuple(anchors.shape)}")
     num_anchors = anchors.shape[0]
@@ -224,10 +229,14 @@ class MutualGuidanceAssigner:
             pred = pred_boxes.to(torch.float32)
             i, o, a = intersecting_pairs(pred, boxes, valid)
             iou_reg = paired_box_iou(pred[i, a].to(torch.float64), boxes64[i, o]).float()
+            rank = rank_within_objects(i * max_objects + o, a, iou_reg)
+            first, count = num_pos[i, o], num_ignored[i, o]
+            pos = select_ranks(rank, iou_reg, torch.zeros_like(first), first)
             cls_owner = resolve_claims(
-                *ranked_claims(i, o, a, iou_reg, zero, num_pos, shape), num_images, num_anchors
+                i[pos], o[pos], a[pos], iou_reg[pos], num_images, num_anchors
             )
-            i, _, a, _ = ranked_claims(i, o, a, iou_reg, num_pos, num_ignored, shape)
+            held = select_ranks(rank, iou_reg, first, count)
+            i, a = i[held], a[held]
             ignore = torch.zeros_like(ignore)
             ignore[i, a] = True
             ignore &= cls_owner < 0

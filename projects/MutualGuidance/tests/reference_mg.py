@@ -10,7 +10,8 @@ The paper leaves ties and conflicts open; the rules below are the ones ``musu_mg
   - an anchor several objects want goes to the highest criterion, ties to the lowest object index;
   - a classification positive claim beats any ignore claim.
 Numerics (the implementation's contract): IoUs, amplified IoUs and centerness are computed in
-float64 (Python floats) and rounded to float32 before any comparison; the FCOS rule is evaluated
+float64 (Python floats) and rounded to float32 before any comparison, and the IoU thresholds are
+rounded to float32 too (an IoU of exactly 0.7 passes POS_IOU 0.7); the FCOS rule is evaluated
 in float32 (numpy float32 scalars), as ``musu.modeling.fcos_assigner`` does.
 """
 
@@ -94,7 +95,7 @@ def reference_static(
                 nearest[r], max_iou[r] = j, iou[j][r]
     claims: List[List[Tuple[float, int]]] = [[] for _ in range(num_anchors)]
     for r in range(num_anchors):
-        if nearest[r] >= 0 and max_iou[r] >= pos_iou:
+        if nearest[r] >= 0 and max_iou[r] >= f32(pos_iou):
             claims[r].append((max_iou[r], nearest[r]))
     for j in range(num_objects):
         best_r, best = -1, -1.0
@@ -105,7 +106,8 @@ def reference_static(
             claims[best_r].append((best, j))
     owner = [pick_owner(c) for c in claims]
     ignore = [
-        owner[r] == -1 and nearest[r] >= 0 and max_iou[r] >= neg_iou for r in range(num_anchors)
+        owner[r] == -1 and nearest[r] >= 0 and max_iou[r] >= f32(neg_iou)
+        for r in range(num_anchors)
     ]
     num_pos = [sum(1 for r in range(num_anchors) if owner[r] == j) for j in range(num_objects)]
     num_ignored = [

@@ -139,6 +139,15 @@ def test_best_anchor_rule_when_no_anchor_reaches_the_threshold() -> None:
     assert result.reg_gt_index.tolist() == [[0, -1]]
 
 
+def test_iou_exactly_at_the_thresholds() -> None:
+    # IoU 28 / 40 = 0.7 (not representable; rounds like the threshold) and 20 / 40 = 0.5.
+    anchors = [[0, 0, 4, 7], [0, 0, 5, 4], [0, 0, 5, 3]]
+    problem = single(anchors, [[0.0]] * 3, anchors, [[0, 0, 5, 8]], [0], pos_iou=0.7, neg_iou=0.5)
+    result = run(problem)
+    assert result.gt_index.tolist() == [[0, -1, -1]]
+    assert result.ignore.tolist() == [[False, True, False]]  # 0.5 >= NEG_IOU; 0.375 < it
+
+
 def test_object_without_overlap_gets_nothing() -> None:
     problem = single([[0, 0, 10, 10]], [[0.9]], [[0, 0, 10, 10]], [[50, 50, 60, 60]], [0])
     result = run(problem)
