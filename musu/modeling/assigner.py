@@ -40,7 +40,8 @@ class Assignment:
         gt_index: (N, R) long, the object (index into that image's ground truth) whose candidate
             bag the anchor is in, else -1.
         cls_weight: (N, R) float in [0, 1], classification weight; 0 where gt_index == -1.
-        reg_weight: (N, R) float in [0, 1], regression weight; 0 where gt_index == -1.
+        reg_weight: (N, R) float in [0, 1], regression weight; 0 where the regression target
+            (``reg_gt_index``, else ``gt_index``) is -1.
         bag_size: (N, M_max) long, |C_j| per object (0 for padding and objects with empty bags).
         tau_cls: (N, M_max) float, classification temperature per object (0 where bag_size == 0).
         ignore: optional (N, R) bool, anchors that get no classification loss at all (e.g. the
