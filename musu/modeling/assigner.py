@@ -26,7 +26,9 @@ __all__ = [
     "MuSuAssigner",
     "CRITERIA",
     "assignment_stats",
+    "check_assigner_inputs",
     "pad_ground_truth",
+    "rank_within_groups",
 ]
 
 CRITERIA = ("mutual", "cls", "iou")
@@ -219,13 +221,14 @@ def _grid_inside_pairs(grid: AnchorGrid, boxes: Tensor) -> Tuple[Tensor, Tensor,
     return group // (num_levels * max_objects), (group // num_levels) % max_objects, anchor
 
 
-def _rank_within_groups(group: Tensor, value: Tensor) -> Tensor:
+def rank_within_groups(group: Tensor, value: Tensor) -> Tensor:
     """Rank (0-based) of each element inside its group, by descending value.
 
-    Ties keep the input order: callers pass elements sorted by anchor index within a group.
+    Ties keep the input order: callers pass elements sorted by anchor index within a group (or
+    a value that is unique inside a group).
     Args:
         group: (K,) long group id per element.
-        value: (K,) float32 value per element.
+        value: (K,) value per element (any dtype ``torch.sort`` orders).
     Returns:
         (K,) long rank.
     """
@@ -239,6 +242,60 @@ def _rank_within_groups(group: Tensor, value: Tensor) -> Tensor:
     rank = torch.empty_like(position)
     rank[order] = position - group_start
     return rank
+
+
+def check_assigner_inputs(
+    anchors: Tensor,
+    scores: Tensor,
+    pred_boxes: Tensor,
+    gt_boxes: Sequence[Tensor],
+    gt_classes: Sequence[Tensor],
+    name: str = "MuSuAssigner",
+    anchor_width: int = 2,
+) -> None:
+    """ValueError, prefixed by ``name``, for inputs of an assigner call that do not fit together:
+    anchors (R, anchor_width) (points: 2, boxes: 4), scores (N, R, C), pred_boxes (N, R, 4), one
+    (M_n, 4) box and (M_n,) class tensor per image, classes in [0, C)."""
+    if anchors.dim() != 2 or anchors.shape[1] != anchor_width:
+        raise ValueError(
+            f"{name}: anchors must have shape (R, {anchor_width}), got {tuple(anchors.shape)}"
+        )
+    num_anchors = anchors.shape[0]
+    if scores.dim() != 3 or scores.shape[1] != num_anchors:
+        raise ValueError(
+            f"{name}: scores must have shape (N, R={num_anchors}, C), got {tuple(scores.shape)}"
+        )
+    num_images, _, num_classes = scores.shape
+    if pred_boxes.shape != (num_images, num_anchors, 4):
+        raise ValueError(
+            f"{name}: pred_boxes must have shape (N={num_images}, R={num_anchors}, 4), "
+            f"got {tuple(pred_boxes.shape)}"
+        )
+    if len(gt_boxes) != num_images or len(gt_classes) != num_images:
+        raise ValueError(
+            f"{name}: gt_boxes and gt_classes must hold one tensor per image ({num_images}), "
+            f"got {len(gt_boxes)} and {len(gt_classes)}"
+        )
+    for n, (boxes, classes) in enumerate(zip(gt_boxes, gt_classes)):
+        if boxes.dim() != 2 or boxes.shape[1] != 4 or classes.shape != (boxes.shape[0],):
+            raise ValueError(
+                f"{name}: image {n}: gt_boxes must be (M, 4) and gt_classes (M,), "
+                f"got {tuple(boxes.shape)} and {tuple(classes.shape)}"
+            )
+    all_classes = torch.cat([c.reshape(-1) for c in gt_classes]) if gt_classes else None
+    if all_classes is not None and len(all_classes):
+        low, high = (int(v) for v in torch.aminmax(all_classes))
+        if low < 0 or high >= num_classes:
+            image = next(
+                n
+                for n, c in enumerate(gt_classes)
+                if len(c) and (int(c.min()) < 0 or int(c.max()) >= num_classes)
+            )
+            classes = gt_classes[image]
+            raise ValueError(
+                f"{name}: image {image}: gt_classes must lie in [0, {num_classes}), "
+                f"got values in [{int(classes.min())}, {int(classes.max())}]"
+            )
 
 
 class MuSuAssigner:
@@ -286,53 +343,6 @@ class MuSuAssigner:
         )
 
     @staticmethod
-    def _check_inputs(
-        points: Tensor,
-        scores: Tensor,
-        pred_boxes: Tensor,
-        gt_boxes: Sequence[Tensor],
-        gt_classes: Sequence[Tensor],
-    ) -> None:
-        if points.dim() != 2 or points.shape[1] != 2:
-            raise ValueError(f"points must have shape (R, 2), got {tuple(points.shape)}")
-        num_anchors = points.shape[0]
-        if scores.dim() != 3 or scores.shape[1] != num_anchors:
-            raise ValueError(
-                f"scores must have shape (N, R={num_anchors}, C), got {tuple(scores.shape)}"
-            )
-        num_images, _, num_classes = scores.shape
-        if pred_boxes.shape != (num_images, num_anchors, 4):
-            raise ValueError(
-                f"pred_boxes must have shape (N={num_images}, R={num_anchors}, 4), "
-                f"got {tuple(pred_boxes.shape)}"
-            )
-        if len(gt_boxes) != num_images or len(gt_classes) != num_images:
-            raise ValueError(
-                f"gt_boxes and gt_classes must hold one tensor per image ({num_images}), "
-                f"got {len(gt_boxes)} and {len(gt_classes)}"
-            )
-        for n, (boxes, classes) in enumerate(zip(gt_boxes, gt_classes)):
-            if boxes.dim() != 2 or boxes.shape[1] != 4 or classes.shape != (boxes.shape[0],):
-                raise ValueError(
-                    f"image {n}: gt_boxes must be (M, 4) and gt_classes (M,), "
-                    f"got {tuple(boxes.shape)} and {tuple(classes.shape)}"
-                )
-        all_classes = torch.cat([c.reshape(-1) for c in gt_classes]) if gt_classes else None
-        if all_classes is not None and len(all_classes):
-            low, high = (int(v) for v in torch.aminmax(all_classes))
-            if low < 0 or high >= num_classes:
-                image = next(
-                    n
-                    for n, c in enumerate(gt_classes)
-                    if len(c) and (int(c.min()) < 0 or int(c.max()) >= num_classes)
-                )
-                classes = gt_classes[image]
-                raise ValueError(
-                    f"image {image}: gt_classes must lie in [0, {num_classes}), "
-                    f"got values in [{int(classes.min())}, {int(classes.max())}]"
-                )
-
-    @staticmethod
     def _dense_inside_pairs(points: Tensor, boxes32: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Inside pairs from one (N, M_max, R) boolean test, in (image, object, anchor) order."""
         px, py = points[:, 0].float(), points[:, 1].float()  # (R,)
@@ -365,7 +375,7 @@ class MuSuAssigner:
         Returns:
             The :class:`Assignment` of the batch.
         """
-        self._check_inputs(points, scores, pred_boxes, gt_boxes, gt_classes)
+        check_assigner_inputs(points, scores, pred_boxes, gt_boxes, gt_classes)
         device = scores.device
         num_images, num_anchors, _ = scores.shape
         boxes, classes, _ = pad_ground_truth(gt_boxes, gt_classes, torch.float64, device)
@@ -431,8 +441,8 @@ class MuSuAssigner:
             v_reg = (p64 * q64.pow(self.alpha)).to(torch.float32)
         else:
             v_cls = v_reg = (p64 if self.criterion == "cls" else q64).to(torch.float32)
-        rank_cls = _rank_within_groups(object_key, v_cls).to(torch.float32)
-        rank_reg = rank_cls if v_reg is v_cls else _rank_within_groups(object_key, v_reg)
+        rank_cls = rank_within_groups(object_key, v_cls).to(torch.float32)
+        rank_reg = rank_cls if v_reg is v_cls else rank_within_groups(object_key, v_reg)
         rank_reg = rank_reg.to(torch.float32)
 
         # 5. Temperatures (Eq. 6) and rank-to-weight (Eq. 4).

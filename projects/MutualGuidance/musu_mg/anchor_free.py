@@ -24,11 +24,11 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from musu.modeling.assigner import pad_ground_truth
+from musu.modeling.assigner import check_assigner_inputs, pad_ground_truth
 from musu.modeling.build import ASSIGNER_REGISTRY
 from musu.modeling.fcos_assigner import FCOSAssigner
 
-from .assigner import amplified, check_inputs
+from .assigner import amplified
 from .selection import MGAssignment, paired_box_iou, ranked_claims, resolve_claims
 
 __all__ = ["MGAnchorFreeAssigner", "build_mg_anchor_free_assigner", "centerness"]
@@ -105,7 +105,9 @@ class MGAnchorFreeAssigner:
         Returns:
             :class:`MGAssignment` (N_p in bag_size, num_ignored zeros, ignore all False).
         """
-        check_inputs(points, scores, pred_boxes, gt_boxes, gt_classes, "MGAnchorFreeAssigner", 2)
+        check_assigner_inputs(
+            points, scores, pred_boxes, gt_boxes, gt_classes, "MGAnchorFreeAssigner", 2
+        )
         static = self.fcos(points, scores, pred_boxes, gt_boxes, gt_classes, point_strides)
         num_images, num_anchors, _ = scores.shape
         device = scores.device

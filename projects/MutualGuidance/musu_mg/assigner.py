@@ -33,7 +33,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from musu.modeling.assigner import pad_ground_truth
+from musu.modeling.assigner import check_assigner_inputs, pad_ground_truth
 
 from .selection import (
     MGAssignment,
@@ -47,45 +47,6 @@ from .selection import (
 )
 
 __all__ = ["MutualGuidanceAssigner", "amplified"]
-
-
-def check_inputs(
-    anchors: Tensor,
-    scores: Tensor,
-    pred_boxes: Tensor,
-    gt_boxes: Sequence[Tensor],
-    gt_classes: Sequence[Tensor],
-    name: str,
-    anchor_width: int,
-) -> None:
-    """ValueError (prefixed by ``name``) for inconsistent assigner inputs; anchors are (R, 4)
-    boxes (``anchor_width`` 4) or (R, 2) points (2)."""
-    if anchors.dim() != 2 or anchors.shape[1] != anchor_width:
-        raise ValueError(f"{name}: anchors must be (R, {anchor_width}), got {tuple(anchors.shape)}")
-    num_anchors = anchors.shape[0]
-    if scores.dim() != 3 or scores.shape[1] != num_anchors:
-        raise ValueError(
-            f"{name}: scores must be (N, R={num_anchors}, C), got {tuple(scores.shape)}"
-        )
-    num_images, _, num_classes = scores.shape
-    if pred_boxes.shape != (num_images, num_anchors, 4):
-        raise ValueError(
-            f"{name}: pred_boxes must be (N={num_images}, R={num_anchors}, 4), "
-            f"got {tuple(pred_boxes.shape)}"
-        )
-    if len(gt_boxes) != num_images or len(gt_classes) != num_images:
-        raise ValueError(
-            f"{name}: gt_boxes and gt_classes must hold one tensor per image ({num_images}), "
-            f"got {len(gt_boxes)} and {len(gt_classes)}"
-        )
-    for n, (boxes, classes) in enumerate(zip(gt_boxes, gt_classes)):
-        if boxes.dim() != 2 or boxes.shape[1] != 4 or classes.shape != (boxes.shape[0],):
-            raise ValueError(
-                f"{name}: image {n}: gt_boxes must be (M, 4) and gt_classes (M,), "
-                f"got {tuple(boxes.shape)} and {tuple(classes.shape)}"
-            )
-        if len(classes) and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
-            raise ValueError(f"{name}: image {n}: gt_classes must lie in [0, {num_classes})")
 
 
 def amplified(value64: Tensor, p: Tensor, sigma: float) -> Tensor:
@@ -206,7 +167,9 @@ class MutualGuidanceAssigner:
             :class:`MGAssignment` (classification: gt_index, cls_weight, ignore; regression:
             reg_gt_index, reg_weight; N_p in bag_size, N_i in num_ignored).
         """
-        check_inputs(anchors, scores, pred_boxes, gt_boxes, gt_classes, "MutualGuidanceAssigner", 4)
+        check_assigner_inputs(
+            anchors, scores, pred_boxes, gt_boxes, gt_classes, "MutualGuidanceAssigner", 4
+        )
         device = scores.device
         num_images, num_anchors, _ = scores.shape
         boxes, classes, valid = pad_ground_truth(gt_boxes, gt_classes, torch.float32, device)

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from musu.modeling.assigner import Assignment
+from musu.modeling.assigner import Assignment, rank_within_groups
 
 __all__ = [
     "MGAssignment",
@@ -100,16 +100,7 @@ def rank_within_objects(group: Tensor, anchor: Tensor, value: Tensor) -> Tensor:
     # Non-negative float32 bits order like the values; the low bits reverse the anchor index, so
     # within a group the key is unique and "larger key" means "earlier in the ranking".
     key = value.view(torch.int32).to(torch.int64) * 2**_LOW_BITS + (2**_LOW_BITS - 1 - anchor)
-    order = torch.sort(key, descending=True, stable=True).indices
-    order = order[torch.sort(group[order], stable=True).indices]  # by group, then by key
-    sorted_group = group[order]
-    position = torch.arange(len(order), device=group.device)
-    is_start = torch.ones_like(sorted_group, dtype=torch.bool)
-    is_start[1:] = sorted_group[1:] != sorted_group[:-1]
-    group_start = torch.cummax(torch.where(is_start, position, 0), dim=0).values
-    rank = torch.empty_like(position)
-    rank[order] = position - group_start
-    return rank
+    return rank_within_groups(group, key)
 
 
 def select_ranks(rank: Tensor, value: Tensor, first: Tensor, count: Tensor) -> Tensor:
