@@ -18,8 +18,9 @@ What NMS needs is consistency among its *input* candidates. A detector's final o
 post-NMS, where near-duplicates are already gone; to measure pre-NMS candidates, run inference
 with NMS disabled: :data:`PRE_NMS_OPTS` (``MODEL.MUSU.NMS_THRESH_TEST 1.0`` keeps every box,
 ``TEST.DETECTIONS_PER_IMAGE`` large keeps all of them). The MuSu META_ARCH and the D2FCOS
-adaptor read these keys, RetinaNet-based detectors ``MODEL.RETINANET.NMS_THRESH_TEST``; the score threshold and per-level top-k still apply, as they do before
-NMS. ``tools/compare.py`` runs this pass.
+adaptor read these keys, RetinaNet-based detectors ``MODEL.RETINANET.NMS_THRESH_TEST``; the
+score threshold and per-level top-k still apply, as they do before NMS. ``tools/compare.py``
+runs this pass.
 """
 
 from __future__ import annotations
