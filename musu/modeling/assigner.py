@@ -27,6 +27,7 @@ __all__ = [
     "CRITERIA",
     "assignment_stats",
     "check_assigner_inputs",
+    "dense_inside_pairs",
     "pad_ground_truth",
     "rank_within_groups",
 ]
@@ -298,6 +299,18 @@ def check_assigner_inputs(
             )
 
 
+def dense_inside_pairs(points: Tensor, boxes32: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(image, object, anchor) triples with the point strictly inside the box, from one
+    (N, M_max, R) boolean test, in that order. points (R, 2); boxes32 (N, M_max, 4) float32
+    (zero-padded boxes contain no point)."""
+    px, py = points[:, 0].float(), points[:, 1].float()  # (R,)
+    inside = px > boxes32[..., 0, None]  # (N, M_max, R)
+    inside &= py > boxes32[..., 1, None]
+    inside &= px < boxes32[..., 2, None]
+    inside &= py < boxes32[..., 3, None]
+    return inside.nonzero(as_tuple=True)
+
+
 class MuSuAssigner:
     """Mutual Supervision assignment: cls samples ranked by IoU, reg samples by score.
 
@@ -341,16 +354,6 @@ class MuSuAssigner:
             f"alpha={self.alpha}, tau_ratio={self.tau_ratio}, temperature={self.temperature}, "
             f"soft={self.soft}, criterion={self.criterion!r})"
         )
-
-    @staticmethod
-    def _dense_inside_pairs(points: Tensor, boxes32: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """Inside pairs from one (N, M_max, R) boolean test, in (image, object, anchor) order."""
-        px, py = points[:, 0].float(), points[:, 1].float()  # (R,)
-        inside = px > boxes32[..., 0, None]  # (N, M_max, R)
-        inside &= py > boxes32[..., 1, None]
-        inside &= px < boxes32[..., 2, None]
-        inside &= py < boxes32[..., 3, None]
-        return inside.nonzero(as_tuple=True)
 
     @torch.no_grad()
     def __call__(
@@ -398,7 +401,7 @@ class MuSuAssigner:
                 raise ValueError("grid does not describe points (see AnchorGrid.points)")
             pair_img, pair_obj, pair_anchor = _grid_inside_pairs(grid, boxes32)  # (P,) each
         else:
-            pair_img, pair_obj, pair_anchor = self._dense_inside_pairs(points, boxes32)
+            pair_img, pair_obj, pair_anchor = dense_inside_pairs(points, boxes32)
         if len(pair_img) == 0:
             return result
 

@@ -19,31 +19,19 @@ Criteria are computed in float64 and compared as float32.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from musu.modeling.assigner import check_assigner_inputs, pad_ground_truth
+from musu.modeling.assigner import check_assigner_inputs, dense_inside_pairs, pad_ground_truth
 from musu.modeling.build import ASSIGNER_REGISTRY
 from musu.modeling.fcos_assigner import FCOSAssigner
 
 from .assigner import amplified
-from .selection import MGAssignment, paired_box_iou, ranked_claims, resolve_claims
+from .selection import MGAssignment, paired_box_iou, top_ranked_owners
 
 __all__ = ["MGAnchorFreeAssigner", "build_mg_anchor_free_assigner", "centerness"]
-
-
-def _inside_pairs(points: Tensor, boxes: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(image, object, point) triples with the point strictly inside the box (float32 test, as
-    the FCOS rule does); boxes (N, M, 4) float32, points (R, 2)."""
-    px, py = points[:, 0].float(), points[:, 1].float()  # (R,)
-    inside = px > boxes[..., 0, None]  # (N, M, R)
-    inside &= py > boxes[..., 1, None]
-    inside &= px < boxes[..., 2, None]
-    inside &= py < boxes[..., 3, None]
-    inside &= valid[..., None]
-    return inside.nonzero(as_tuple=True)
 
 
 def centerness(points: Tensor, boxes: Tensor) -> Tensor:
@@ -113,30 +101,21 @@ class MGAnchorFreeAssigner:
         device = scores.device
         num_pos = static.bag_size  # (N, M_max)
         cls_owner = reg_owner = static.gt_index
-        boxes, classes, valid = pad_ground_truth(gt_boxes, gt_classes, torch.float32, device)
+        boxes, classes, _ = pad_ground_truth(gt_boxes, gt_classes, torch.float32, device)
         max_objects = boxes.shape[1]
         shape = (num_images, max_objects, num_anchors)
         if self.l2c or self.c2l:
             points = points.to(device)
-            image, obj, anchor = _inside_pairs(points, boxes, valid)  # (P,) candidates
-            zero = torch.zeros_like(num_pos)
+            image, obj, anchor = dense_inside_pairs(points, boxes)  # (P,) candidates
             if self.l2c:
                 iou = paired_box_iou(
                     pred_boxes[image, anchor].to(torch.float64), boxes[image, obj].to(torch.float64)
                 ).float()
-                cls_owner = resolve_claims(
-                    *ranked_claims(image, obj, anchor, iou, zero, num_pos, shape),
-                    num_images,
-                    num_anchors,
-                )
+                cls_owner = top_ranked_owners(image, obj, anchor, iou, num_pos, shape)
             if self.c2l:
                 ctr = centerness(points[anchor], boxes[image, obj])  # (P,) float64
                 amp = amplified(ctr, scores[image, anchor, classes[image, obj]], self.sigma)
-                reg_owner = resolve_claims(
-                    *ranked_claims(image, obj, anchor, amp, zero, num_pos, shape),
-                    num_images,
-                    num_anchors,
-                )
+                reg_owner = top_ranked_owners(image, obj, anchor, amp, num_pos, shape)
         return MGAssignment(
             gt_index=cls_owner,
             cls_weight=(cls_owner >= 0).float(),

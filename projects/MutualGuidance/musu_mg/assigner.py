@@ -41,9 +41,9 @@ from .selection import (
     intersecting_pairs,
     paired_box_iou,
     rank_within_objects,
-    ranked_claims,
     resolve_claims,
     select_ranks,
+    top_ranked_owners,
 )
 
 __all__ = ["MutualGuidanceAssigner", "amplified"]
@@ -185,7 +185,6 @@ class MutualGuidanceAssigner:
             image, obj, anchor, iou64.float(), shape, self.pos_iou, self.neg_iou
         )
         cls_owner = reg_owner = owner
-        zero = torch.zeros_like(num_pos)
 
         # 2. Localize to Classify on the pairs with IoU_regressed > 0.
         if self.l2c:
@@ -208,11 +207,7 @@ class MutualGuidanceAssigner:
         if self.c2l:
             p = scores[image, anchor, classes[image, obj]]  # (P,)
             amp = amplified(iou64, p, self.sigma)
-            reg_owner = resolve_claims(
-                *ranked_claims(image, obj, anchor, amp, zero, num_pos, shape),
-                num_images,
-                num_anchors,
-            )
+            reg_owner = top_ranked_owners(image, obj, anchor, amp, num_pos, shape)
 
         return MGAssignment(
             gt_index=cls_owner,

@@ -26,6 +26,7 @@ __all__ = [
     "rank_within_objects",
     "ranked_claims",
     "resolve_claims",
+    "top_ranked_owners",
     "select_ranks",
 ]
 
@@ -158,3 +159,19 @@ def count_per_object(owner: Tensor, max_objects: int) -> Tensor:
     index = torch.where(owner >= 0, owner, max_objects)
     counts.scatter_add_(1, index, torch.ones_like(index))
     return counts[:, :max_objects]
+
+
+def top_ranked_owners(
+    image: Tensor,
+    obj: Tensor,
+    anchor: Tensor,
+    value: Tensor,
+    count: Tensor,
+    shape: Tuple[int, int, int],
+) -> Tensor:
+    """(N, R) owner (object index or -1) when each object claims its ``count`` (N, M) best-ranked
+    candidates by ``value`` and conflicts go to the larger claim (:func:`resolve_claims`)."""
+    num_images, _, num_anchors = shape
+    first = torch.zeros_like(count)
+    claims = ranked_claims(image, obj, anchor, value, first, count, shape)
+    return resolve_claims(*claims, num_images, num_anchors)
