@@ -15,6 +15,7 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, pairwise_iou
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mg_lists import implementation_lists
 from reference_mg import as_lists, reference_mutual_guidance
 
 from musu_mg import MGAssignment, MutualGuidanceAssigner
@@ -38,17 +39,6 @@ def run(problem: Problem) -> MGAssignment:
         [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in problem.gt_boxes],
         [torch.tensor(c, dtype=torch.long) for c in problem.gt_classes],
     )
-
-
-def implementation_lists(result: MGAssignment, problem: Problem) -> Dict[str, list]:
-    counts = [len(b) for b in problem.gt_boxes]
-    return {
-        "cls_owner": result.gt_index.tolist(),
-        "ignore": result.ignore.tolist(),
-        "reg_owner": result.reg_gt_index.tolist(),
-        "num_pos": [row[:m] for row, m in zip(result.bag_size.tolist(), counts)],
-        "num_ignored": [row[:m] for row, m in zip(result.num_ignored.tolist(), counts)],
-    }
 
 
 def reference_lists(problem: Problem) -> Dict[str, list]:
@@ -317,7 +307,7 @@ def problems(draw) -> Problem:
 @settings(max_examples=250, deadline=None)
 @given(problem=problems())
 def test_matches_reference(problem: Problem) -> None:
-    assert implementation_lists(run(problem), problem) == reference_lists(problem)
+    assert implementation_lists(run(problem), problem.gt_boxes) == reference_lists(problem)
 
 
 @settings(max_examples=60, deadline=None)
