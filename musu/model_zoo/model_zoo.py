@@ -44,12 +44,12 @@ class ModelZooEntry(NamedTuple):
 # the line to add here; the files themselves live at the release location (file_io.py), not in git.
 MODEL_ZOO_FILES: dict[str, ModelZooEntry] = {
     "Synthetic/musu_R_18_FPN_synthetic": ModelZooEntry(
-        "Synthetic/musu_R_18_FPN_synthetic/model_final_20ca101d9cc3.pth",
-        "20ca101d9cc3e7b603f7fdc512d41d374c6022f63862c2d4c7f7b53f81f5bf7b",
+        "Synthetic/musu_R_18_FPN_synthetic/model_final_e74fca883bf5.pth",
+        "e74fca883bf57973fb161aa85ee3efffef97b2ee74bc25af9a20716b3cc08081",
     ),
     "BCCD/musu_R_18_FPN_bccd": ModelZooEntry(
-        "BCCD/musu_R_18_FPN_bccd/model_final_921257870ffa.pth",
-        "921257870ffa13b16a534be78299d2ae1743d2c1d40535301561e76bd46f10c8",
+        "BCCD/musu_R_18_FPN_bccd/model_final_81cdf5f98ed9.pth",
+        "81cdf5f98ed91461593122398b181be42625660b6215f40272ccaa14070e9898",
     ),
 }
 
