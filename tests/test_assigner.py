@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from reference_musu import CRITERIA, point_in_box, reference_assign
 
 DEFAULTS: Dict[str, Any] = dict(

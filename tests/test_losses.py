@@ -16,17 +16,18 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference_musu import (
-    reference_classification_loss,
-    reference_focal_terms,
-    reference_weighted_giou_loss,
-    stable_classification_loss_torch,
-)
 
 from musu.modeling.losses import (
     focal_loss_terms,
     musu_classification_loss,
     weighted_giou_loss,
+)
+
+from reference_musu import (
+    reference_classification_loss,
+    reference_focal_terms,
+    reference_weighted_giou_loss,
+    stable_classification_loss_torch,
 )
 
 # ----------------------------------------------------------------------------------------------

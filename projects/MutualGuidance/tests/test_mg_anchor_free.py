@@ -12,13 +12,14 @@ from typing import Any, Dict, List
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mg_lists import implementation_lists
-from reference_mg import as_lists, point_centerness, reference_anchor_free
 
 from musu.modeling.assigner import AnchorGrid
 from musu.modeling.build import ASSIGNER_REGISTRY
 from musu.modeling.fcos_assigner import FCOSAssigner
 from musu_mg import MGAnchorFreeAssigner, MGAssignment, build_mg_anchor_free_assigner, centerness
+
+from mg_lists import implementation_lists
+from reference_mg import as_lists, point_centerness, reference_anchor_free
 
 
 @dataclass

@@ -15,10 +15,11 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, pairwise_iou
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mg_lists import implementation_lists
-from reference_mg import as_lists, reference_mutual_guidance
 
 from musu_mg import MGAssignment, MutualGuidanceAssigner
+
+from mg_lists import implementation_lists
+from reference_mg import as_lists, reference_mutual_guidance
 
 
 @dataclass

@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
-from reference_mg import reference_balanced_l1
 
 from musu_mg import balanced_l1_b, balanced_l1_loss
+
+from reference_mg import reference_balanced_l1
 
 B = math.e**3 - 1  # alpha 0.5, gamma 1.5: 0.5 ln(b + 1) = 1.5
 

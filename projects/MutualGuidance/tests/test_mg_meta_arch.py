@@ -17,7 +17,6 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
-from reference_mg import reference_balanced_l1
 
 import musu
 from musu.modeling import MuSu
@@ -29,6 +28,8 @@ from musu_mg import (
     add_mg_config,
     validate_mg_config,
 )
+
+from reference_mg import reference_balanced_l1
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((PROJECT / "configs").rglob("*.yaml"))

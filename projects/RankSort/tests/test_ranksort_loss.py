@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
-import musu_ranksort.rank_sort as rs_module
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import musu_ranksort.rank_sort as rs_module
 from musu_ranksort import rank_sort_loss
 from musu_ranksort.rank_sort import rank_sort_errors, smoothed_step, step_sums
 

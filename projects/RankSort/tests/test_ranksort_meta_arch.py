@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 from typing import List
 
-import musu_ranksort
 import pytest
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -19,13 +18,14 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 from fvcore.nn import giou_loss
-from musu_ranksort import MuSuRankSort, add_ranksort_config, merged_logits
-from musu_ranksort.meta_arch import paired_iou
 from test_ranksort_loss import reference_rank_sort
 
 import musu
+import musu_ranksort
 from musu.modeling import Assignment, MuSu, MuSuAssigner
 from musu.modeling.fcos_assigner import FCOSAssigner
+from musu_ranksort import MuSuRankSort, add_ranksort_config, merged_logits
+from musu_ranksort.meta_arch import paired_iou
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((PROJECT / "configs").rglob("*.yaml"))
