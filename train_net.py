@@ -34,14 +34,48 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 import musu
 from musu.data import register_coco_dataset
 from musu.engine import AtomicCheckpointer, check_dataset_classes
+from musu.engine.amp import (
+    apply_memory_format,
+    autocast_context,
+    build_train_loop,
+    resolve_autocast,
+)
 
 logger = logging.getLogger("musu.train_net")
 
 
 class Trainer(DefaultTrainer):
     """Detectron2's DefaultTrainer with COCO evaluation of every test dataset, atomic
-    checkpoints (:class:`musu.engine.AtomicCheckpointer`) and a start-up check of the training
-    data's class indices against ``MODEL.MUSU.NUM_CLASSES``."""
+    checkpoints (:class:`musu.engine.AtomicCheckpointer`), a start-up check of the training
+    data's class indices against ``MODEL.MUSU.NUM_CLASSES``, and mixed precision / channels-last
+    on CPU as on CUDA (:mod:`musu.engine.amp`: ``SOLVER.AMP``, ``TEST.AMP``,
+    ``MODEL.CHANNELS_LAST``)."""
+
+    def __init__(self, cfg: CfgNode):
+        # DefaultTrainer builds AMPTrainer (CUDA only) when SOLVER.AMP.ENABLED: build it with
+        # float32, then replace its loop by the one for this device (musu.engine.amp).
+        float32_cfg = cfg.clone()
+        float32_cfg.defrost()
+        float32_cfg.SOLVER.AMP.ENABLED = False
+        float32_cfg.freeze()
+        super().__init__(float32_cfg)
+        self.cfg.defrost()  # DefaultTrainer keeps float32_cfg, possibly rescaled by world size
+        self.cfg.SOLVER.AMP.ENABLED = cfg.SOLVER.AMP.ENABLED
+        self.cfg.freeze()
+        loop = self._trainer
+        self._trainer = build_train_loop(self.cfg, loop.model, loop.data_loader, loop.optimizer)
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        return apply_memory_format(super().build_model(cfg), cfg)
+
+    @classmethod
+    def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None):
+        """Detectron2's evaluation, under autocast where ``TEST.AMP.ENABLED`` allows it."""
+        setting = resolve_autocast(cfg, training=False)
+        logger.info("Evaluation precision: %s (%s).", setting.dtype or torch.float32, setting.reason)
+        with autocast_context(setting):
+            return super().test(cfg, model, evaluators)
 
     def build_hooks(self) -> list[HookBase]:
         # DefaultTrainer.__init__ builds a DetectionCheckpointer just before calling build_hooks;

@@ -15,10 +15,16 @@ __all__ = [
     "validate_musu_config",
     "validate_project_configs",
     "PROJECTS_ENTRY_POINT",
+    "AMP_PRECISIONS",
+    "CPU_BFLOAT16_MODES",
 ]
 
 # Entry-point group through which installed projects (projects/*) offer their add_*_config.
 PROJECTS_ENTRY_POINT = "musu.projects"
+# SOLVER.AMP.PRECISION values (the autocast dtype on CUDA).
+AMP_PRECISIONS = ("float16", "bfloat16")
+# SOLVER.AMP.CPU_BFLOAT16 values (see add_musu_config).
+CPU_BFLOAT16_MODES = ("native", "always")
 
 
 def add_musu_config(cfg: CN) -> None:
@@ -90,6 +96,22 @@ def add_musu_config(cfg: CN) -> None:
     # IoU threshold of the class-wise NMS.
     _C.MODEL.MUSU.NMS_THRESH_TEST = 0.6
     # (Detections kept per image: TEST.DETECTIONS_PER_IMAGE, Detectron2's key, default 100.)
+
+    # --- Precision and memory format (musu.engine.amp), used by every detector of this repo ---
+    # Training runs under autocast when Detectron2's SOLVER.AMP.ENABLED is True. On CUDA the
+    # autocast dtype is SOLVER.AMP.PRECISION ("float16", with a gradient scaler, or "bfloat16").
+    if "PRECISION" not in _C.SOLVER.AMP:
+        _C.SOLVER.AMP.PRECISION = "float16"
+    # On CPU the dtype is bfloat16. "native": only where the CPU has bfloat16 instructions
+    # (AVX512-BF16, AMX or Arm BF16), else float32 with a log line saying so (emulated bfloat16
+    # is usually slower than float32); "always": bfloat16 on every CPU.
+    _C.SOLVER.AMP.CPU_BFLOAT16 = "native"
+    # Evaluation under the same autocast rule (SOLVER.AMP.PRECISION / CPU_BFLOAT16) if True.
+    if "AMP" not in _C.TEST:
+        _C.TEST.AMP = CN({"ENABLED": False})
+    # Store the model's convolution weights channels-last (NHWC), so convolutions run in that
+    # memory format; faster on CPUs and tensor-core GPUs where oneDNN / cuDNN have NHWC kernels.
+    _C.MODEL.CHANNELS_LAST = False
 
 
 def _project_modules() -> list:
@@ -174,3 +196,9 @@ def validate_musu_config(cfg: CN) -> None:
     _check_range(cfg, "NMS_THRESH_TEST", 0.0, 1.0, closed=True)
     if not isinstance(musu.WARMUP_ASSIGNER_ITERS, int) or musu.WARMUP_ASSIGNER_ITERS < 0:
         _fail("WARMUP_ASSIGNER_ITERS", "must be an integer >= 0", musu.WARMUP_ASSIGNER_ITERS)
+    for key, value, allowed in (
+        ("SOLVER.AMP.PRECISION", cfg.SOLVER.AMP.PRECISION, AMP_PRECISIONS),
+        ("SOLVER.AMP.CPU_BFLOAT16", cfg.SOLVER.AMP.CPU_BFLOAT16, CPU_BFLOAT16_MODES),
+    ):
+        if value not in allowed:
+            raise ValueError(f"Invalid config: {key} must be one of {allowed}, got {value!r}")

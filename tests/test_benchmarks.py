@@ -63,3 +63,29 @@ def test_flops_benchmark_increment_per_anchor_is_one_output_conv(tmp_path):
     locations = 8 * 8 + 4 * 4 + 2 * 2 + 1 + 1
     flops = (rows["MuSu A=2"]["gflops"] - rows["MuSu A=1"]["gflops"]) * 1e9
     assert round(flops) == (classes + 4 + 1) * 9 * channels * locations
+
+
+def test_train_iter_benchmark_has_a_row_per_model_and_precision():
+    stdout = run(
+        "train_iter.py",
+        *("--config", SYNTHETIC, "--num-anchors", "1", "--precisions", "fp32", "fp32+cl", "bf16"),
+        *("--batch", "1", "--size", "64", "--max-objects", "2", "--iters", "1", "--warmup", "0"),
+    )
+    rows = [
+        [cell.strip() for cell in line.split("|")[1:-1]]
+        for line in stdout.splitlines()
+        if line.startswith("|") and set(line) - set("|-: ")
+    ]
+    header, body = rows[0], rows[1:]
+    assert header[:2] == ["model", "precision"] and "train ratio to fp32" in header
+    assert [(r[0], r[1]) for r in body] == [
+        (model, precision)
+        for precision in ("fp32", "fp32+cl", "bf16")
+        for model in ("FCOS", "MuSu A=1")
+    ]
+    ratio_to_fp32 = header.index("train ratio to fp32")
+    for row in body:
+        assert float(row[header.index("train s/iter")]) > 0
+        if row[1] == "fp32":
+            assert row[ratio_to_fp32] == "1.00"
+    assert "Command: `" in stdout

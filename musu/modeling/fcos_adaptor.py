@@ -11,10 +11,15 @@ Differences from MuSu that are FCOS's own design (kept, not "fixed"): linear str
 regression without per-level learnable scales, a centerness branch on the regression tower, the
 center-sampling + scale-range assignment, and the inference score
 ``sqrt(sigmoid(cls) * sigmoid(ctr))`` (MuSu: ``sigmoid(cls) * sigmoid(obj)``).
+
+Under mixed precision the losses run in float32 on float32 copies of the predictions, as MuSu's do
+(Detectron2's ``FCOS.losses`` mixes dtypes in its GIoU loss under autocast and fails); in float32
+this is Detectron2's computation exactly.
 """
 
 from __future__ import annotations
 
+import torch
 from detectron2.config import CfgNode
 from detectron2.modeling import build_backbone
 from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
@@ -22,7 +27,25 @@ from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 
 from .meta_arch import check_in_features
 
-__all__ = ["D2FCOS"]
+__all__ = ["D2FCOS", "Float32LossFCOS"]
+
+
+class Float32LossFCOS(FCOS):
+    """Detectron2's ``FCOS`` whose losses run with autocast disabled, on float32 predictions."""
+
+    def losses(
+        self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
+    ):
+        # Each prediction is a list over levels of (N, Hi * Wi, K) tensors, K = C, 4 or 1.
+        with torch.autocast(device_type=pred_logits[0].device.type, enabled=False):
+            return super().losses(
+                anchors,
+                [x.float() for x in pred_logits],
+                gt_labels,
+                [x.float() for x in pred_anchor_deltas],
+                gt_boxes,
+                [x.float() for x in pred_centerness],
+            )
 
 
 def _center_sampling_radius(cfg: CfgNode) -> float:
@@ -37,7 +60,7 @@ def _center_sampling_radius(cfg: CfgNode) -> float:
 
 @META_ARCH_REGISTRY.register()
 def D2FCOS(cfg: CfgNode) -> FCOS:  # noqa: N802 - registry name is the function name
-    """Detectron2's ``FCOS`` + ``FCOSHead`` built from ``MODEL.MUSU`` keys."""
+    """Detectron2's ``FCOS`` + ``FCOSHead`` built from ``MODEL.MUSU`` keys (float32 losses)."""
     musu = cfg.MODEL.MUSU
     if musu.NUM_ANCHORS != 1:
         raise ValueError(
@@ -61,7 +84,7 @@ def D2FCOS(cfg: CfgNode) -> FCOS:  # noqa: N802 - registry name is the function 
         norm=musu.NORM,
         prior_prob=musu.PRIOR_PROB,
     )
-    return FCOS(
+    return Float32LossFCOS(
         backbone=backbone,
         head=head,
         head_in_features=list(musu.IN_FEATURES),

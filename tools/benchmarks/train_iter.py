@@ -22,12 +22,21 @@ loads trained A = 1 checkpoints and ``--dataset NAME`` takes the inference image
 registered dataset (resized to ``--size`` on the shorter side), so that post-processing works on
 real detections; pass ``--score-thresh 0.05`` then, as the configs do.
 
-Usage (from the repository root): ``python tools/benchmarks/train_iter.py [--num-anchors 1 3]``.
+``--precisions`` adds rows per precision and memory format: ``fp32``, ``fp32+cl`` (weights
+channels-last, as ``MODEL.CHANNELS_LAST``), ``bf16`` and ``bf16+cl`` (forward under
+``torch.autocast`` in bfloat16, as ``SOLVER.AMP.ENABLED`` / ``TEST.AMP.ENABLED`` on a CPU with
+native bfloat16 or with ``SOLVER.AMP.CPU_BFLOAT16 always``). Each row's ratio to FCOS is against
+FCOS at the same precision; "ratio to fp32" is against the same model in fp32 (when listed).
+
+Usage (from the repository root): ``python tools/benchmarks/train_iter.py [--num-anchors 1 3]
+[--precisions fp32 fp32+cl bf16 bf16+cl]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import statistics
 from typing import Callable, Dict, List
 
@@ -126,14 +135,34 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train_step(model: nn.Module, batches: List[List[Dict[str, object]]]) -> Callable[[], None]:
+PRECISIONS = ("fp32", "fp32+cl", "bf16", "bf16+cl")
+
+
+def with_precision(model: nn.Module, precision: str) -> nn.Module:
+    """A copy of ``model`` whose weights are channels-last for the ``+cl`` precisions."""
+    model = copy.deepcopy(model)
+    if precision.endswith("+cl"):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def autocast_for(precision: str, device: torch.device):
+    """The forward-pass context of a precision: bfloat16 autocast, or nothing for fp32."""
+    if precision.startswith("bf16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(
+    model: nn.Module, batches: List[List[Dict[str, object]]], precision: str, device: torch.device
+) -> Callable[[], None]:
     """A closure running one training iteration per call, cycling over the batches."""
     state = {"step": 0}
 
     def step() -> None:
         model.train()
         model.zero_grad(set_to_none=True)
-        with EventStorage(state["step"]):
+        with EventStorage(state["step"]), autocast_for(precision, device):
             losses = model(batches[state["step"] % len(batches)])
         sum(losses.values()).backward()
         state["step"] += 1
@@ -141,12 +170,14 @@ def train_step(model: nn.Module, batches: List[List[Dict[str, object]]]) -> Call
     return step
 
 
-def inference_step(model: nn.Module, images: List[Dict[str, object]]) -> Callable[[], None]:
+def inference_step(
+    model: nn.Module, images: List[Dict[str, object]], precision: str, device: torch.device
+) -> Callable[[], None]:
     """A closure running the eval-mode forward (with post-processing) of one batch per call."""
 
     def step() -> None:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast_for(precision, device):
             model(images)
 
     return step
@@ -177,6 +208,13 @@ def main() -> None:
     parser.add_argument(
         "--dataset", default=None, help="registered dataset for the inference images"
     )
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32"],
+        choices=PRECISIONS,
+        help="precision / memory-format variants, each a row per model",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args()
     if args.weights is not None and args.num_anchors != [1]:
@@ -196,6 +234,11 @@ def main() -> None:
         load_weights(models["FCOS"], args.weights[0])
         load_weights(models["MuSu A=1"], args.weights[1])
     params = {name: num_parameters(model) for name, model in models.items()}
+    variants = {
+        (name, precision): with_precision(model, precision)
+        for precision in args.precisions
+        for name, model in models.items()
+    }
 
     generator = torch.Generator().manual_seed(args.seed)
     num_classes = cfg.MODEL.MUSU.NUM_CLASSES
@@ -209,30 +252,37 @@ def main() -> None:
         test_images = dataset_images(args.dataset, args.batch, args.size)
 
     train = interleaved_timings(
-        {name: train_step(model, batches) for name, model in models.items()},
+        {key: train_step(model, batches, key[1], device) for key, model in variants.items()},
         args.iters,
         args.warmup,
         device,
     )
     infer = interleaved_timings(
-        {name: inference_step(model, test_images) for name, model in models.items()},
+        {key: inference_step(model, test_images, key[1], device) for key, model in variants.items()},
         args.iters,
         args.warmup,
         device,
     )
 
+    def fp32_ratio(timings, name: str, precision: str) -> str:
+        if "fp32" not in args.precisions:
+            return "-"
+        return f"{paired_ratio(timings[(name, precision)], timings[(name, 'fp32')]):.2f}"
+
     rows = []
-    for name in models:
-        train_s = statistics.median(train[name])
-        infer_s = statistics.median(infer[name]) / args.batch
+    for name, precision in variants:
+        key, fcos = (name, precision), ("FCOS", precision)
         rows.append(
             [
                 name,
+                precision,
                 f"{params[name]:,}",
-                f"{train_s:.3f}",
-                f"{paired_ratio(train[name], train['FCOS']):.2f}",
-                f"{infer_s:.4f}",
-                f"{paired_ratio(infer[name], infer['FCOS']):.2f}",
+                f"{statistics.median(train[key]):.3f}",
+                f"{paired_ratio(train[key], train[fcos]):.2f}",
+                fp32_ratio(train, name, precision),
+                f"{statistics.median(infer[key]) / args.batch:.4f}",
+                f"{paired_ratio(infer[key], infer[fcos]):.2f}",
+                fp32_ratio(infer, name, precision),
             ]
         )
     print(
@@ -241,11 +291,14 @@ def main() -> None:
     )
     headers = [
         "model",
+        "precision",
         "params",
         "train s/iter",
         "train ratio to FCOS",
+        "train ratio to fp32",
         "inference s/image",
         "inference ratio to FCOS",
+        "inference ratio to fp32",
     ]
     print(markdown_table(headers, rows))
     print(
