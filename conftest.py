@@ -1,13 +1,21 @@
-"""Test-suite guard (repository root, so it covers tests/ and projects/*/tests): every requirement must be present; a missing one stops the run loudly.
+"""Test-suite setup (repository root, so it covers tests/ and projects/*/tests).
 
-Tests never skip because a dependency is absent: they fail here, naming the fix.
+* Every requirement must be present; a missing one stops the run loudly. Tests never skip
+  because a dependency is absent: they fail here, naming the fix.
+* The scripts (``train_net.py`` at the root, ``tools/*.py``) are importable by name in tests
+  (``import train_net``, ``import compare``): this is the one place that edits ``sys.path``.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+from pathlib import Path
 
 import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent
+SCRIPT_FOLDERS = (REPO_ROOT, REPO_ROOT / "tools")
 
 _FIX = "Run `bash tools/install.sh` (or `bash tools/test.sh`, which installs and then tests)."
 
@@ -46,6 +54,9 @@ def _check_requirements() -> list[str]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    for folder in SCRIPT_FOLDERS:
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
     problems = _check_requirements()
     if problems:
         pytest.exit(

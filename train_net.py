@@ -21,7 +21,7 @@ import logging
 import os
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import (
     DatasetCatalog,
     build_detection_train_loader,
@@ -73,7 +73,9 @@ class Trainer(DefaultTrainer):
     def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None):
         """Detectron2's evaluation, under autocast where ``TEST.AMP.ENABLED`` allows it."""
         setting = resolve_autocast(cfg, training=False)
-        logger.info("Evaluation precision: %s (%s).", setting.dtype or torch.float32, setting.reason)
+        logger.info(
+            "Evaluation precision: %s (%s).", setting.dtype or torch.float32, setting.reason
+        )
         with autocast_context(setting):
             return super().test(cfg, model, evaluators)
 
@@ -109,26 +111,9 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args) -> CfgNode:
-    """Config from defaults + MuSu keys + installed projects' keys + file + command-line opts,
-    frozen and validated."""
-    cfg = get_cfg()
-    musu.add_musu_config(cfg)
-    musu.add_project_configs(cfg)  # installed projects/* (entry points "musu.projects")
-    for source, merge, value in (
-        (f"config file {args.config_file}", cfg.merge_from_file, args.config_file),
-        ("command-line options", cfg.merge_from_list, args.opts),
-    ):
-        try:
-            merge(value)
-        except (KeyError, AssertionError) as error:  # yacs: "Non-existent (config) key: A.B"
-            message = error.args[0] if error.args else repr(error)
-            raise KeyError(f"Invalid config in {source}: {message}") from error
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logging.getLogger(__name__).warning("CUDA is not available: MODEL.DEVICE set to 'cpu'.")
-        cfg.MODEL.DEVICE = "cpu"
-    musu.validate_musu_config(cfg)
-    musu.validate_project_configs(cfg)
-    cfg.freeze()
+    """:func:`musu.build_config` of ``--config-file`` and the command-line opts (frozen,
+    validated), then Detectron2's ``default_setup`` (output folder, logging, seeds)."""
+    cfg = musu.build_config(args.config_file, args.opts)
     default_setup(cfg, args)
     return cfg
 

@@ -1,23 +1,43 @@
-"""MuSu config: ``add_musu_config(cfg)`` adds ``cfg.MODEL.MUSU`` and never edits other defaults."""
+"""MuSu config: ``add_musu_config(cfg)`` adds ``cfg.MODEL.MUSU`` and the precision / memory-format
+keys (``SOLVER.AMP.PRECISION``, ``SOLVER.AMP.CPU_BFLOAT16``, ``TEST.AMP.ENABLED``,
+``MODEL.CHANNELS_LAST``); it never edits Detectron2's defaults.
+
+:func:`build_config` is the one way every entry point (``train_net.py``, ``tools/``, the model zoo,
+the projects' tools) turns a config file and command-line options into a config. This module is a
+leaf: it imports nothing of musu, so any musu module may import it.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from importlib.metadata import entry_points
+from typing import Sequence
 
+import torch
 from detectron2.config import CfgNode as CN
-
-from .modeling.assigner import CRITERIA
+from detectron2.config import get_cfg
 
 __all__ = [
+    "CRITERIA",
+    "PROJECTS_ENTRY_POINT",
     "add_musu_config",
     "add_project_configs",
+    "build_config",
+    "check_bool",
+    "check_choice",
+    "check_number",
     "validate_musu_config",
     "validate_project_configs",
-    "PROJECTS_ENTRY_POINT",
     "AMP_PRECISIONS",
     "CPU_BFLOAT16_MODES",
 ]
+
+logger = logging.getLogger(__name__)
+
+# Ranking criteria of the MuSu assigner (MODEL.MUSU.CRITERION): "mutual" (Eq. 3), "cls", "iou".
+CRITERIA = ("mutual", "cls", "iou")
 
 # Entry-point group through which installed projects (projects/*) offer their add_*_config.
 PROJECTS_ENTRY_POINT = "musu.projects"
@@ -141,64 +161,128 @@ def validate_project_configs(cfg: CN) -> None:
             validate(cfg)
 
 
-def _fail(key: str, message: str, value: object) -> None:
-    raise ValueError(f"Invalid config: MODEL.MUSU.{key} {message}, got {value!r}")
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high}"
+    return ""
 
 
-def _check_range(cfg: CN, key: str, low: float, high: float, closed: bool) -> None:
-    value = cfg.MODEL.MUSU[key]
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (low <= value <= high if closed else low < value < high)
+def check_number(
+    node: CN,
+    path: str,
+    key: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+    hint: str = "",
+) -> None:
+    """Raise ``ValueError("Invalid config: <path>.<key> must be ...")`` unless ``node[key]`` is a
+    finite number (an ``int`` if ``integer``; never a bool) between ``low`` and ``high`` (closed
+    ends unless ``low_open`` / ``high_open``; ``None``: unbounded). ``hint`` explains a bound."""
+    value = node[key]
+    kinds = int if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
-        _fail(
-            key, f"must lie in {'[' if closed else '('}{low}, {high}{']' if closed else ')'}", value
+        expected = "an integer" if integer else "a finite number"
+        bounds = _interval(low, high, low_open, high_open)
+        expected += f" {bounds}" if bounds else ""
+        expected += f" ({hint})" if hint else ""
+        raise ValueError(f"Invalid config: {path}.{key} must be {expected}, got {value!r}")
+
+
+def check_choice(node: CN, path: str, key: str, choices: Sequence[object]) -> None:
+    """Raise ``ValueError`` naming ``<path>.<key>`` unless ``node[key]`` is one of ``choices``."""
+    if node[key] not in choices:
+        raise ValueError(
+            f"Invalid config: {path}.{key} must be one of {tuple(choices)}, got {node[key]!r}"
         )
 
 
-def _check_positive(cfg: CN, key: str, allow_zero: bool = False) -> None:
-    value = cfg.MODEL.MUSU[key]
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        _fail(key, "must be a finite number " + (">= 0" if allow_zero else "> 0"), value)
+def check_bool(node: CN, path: str, key: str) -> None:
+    """Raise ``ValueError`` naming ``<path>.<key>`` unless ``node[key]`` is True or False."""
+    if not isinstance(node[key], bool):
+        raise ValueError(f"Invalid config: {path}.{key} must be True or False, got {node[key]!r}")
 
 
 def validate_musu_config(cfg: CN) -> None:
-    """Raise ValueError naming the key for any invalid ``MODEL.MUSU`` value."""
-    musu = cfg.MODEL.MUSU
-    if not isinstance(musu.NUM_CLASSES, int) or musu.NUM_CLASSES < 1:
-        _fail("NUM_CLASSES", "must be an integer >= 1", musu.NUM_CLASSES)
-    if not isinstance(musu.NUM_ANCHORS, int) or musu.NUM_ANCHORS < 1:
-        _fail("NUM_ANCHORS", "must be an integer >= 1", musu.NUM_ANCHORS)
-    if not isinstance(musu.NUM_CONVS, int) or musu.NUM_CONVS < 0:
-        _fail("NUM_CONVS", "must be an integer >= 0", musu.NUM_CONVS)
+    """Raise ValueError naming the key for any invalid ``MODEL.MUSU`` or precision value."""
+    musu, path = cfg.MODEL.MUSU, "MODEL.MUSU"
+    for key, low in (("NUM_CLASSES", 1), ("NUM_ANCHORS", 1), ("NUM_CONVS", 0)):
+        check_number(musu, path, key, low=low, integer=True)
     if len(musu.IN_FEATURES) == 0:
-        _fail("IN_FEATURES", "must name at least one backbone feature", musu.IN_FEATURES)
-    for key, low_bound in (("ANCHOR_SCALE_RANGE", 0.0), ("ANCHOR_ASPECT_RATIO_RANGE", 0.0)):
+        raise ValueError(
+            f"Invalid config: {path}.IN_FEATURES must name at least one backbone feature, "
+            f"got {musu.IN_FEATURES!r}"
+        )
+    for key in ("ANCHOR_SCALE_RANGE", "ANCHOR_ASPECT_RATIO_RANGE"):
         low_high = musu[key]
-        if len(low_high) != 2 or not (low_bound < low_high[0] <= low_high[1]):
-            _fail(key, "must be [low, high] with 0 < low <= high", low_high)
-    _check_range(cfg, "PRIOR_PROB", 0.0, 1.0, closed=False)
-    _check_positive(cfg, "THETA")
-    _check_range(cfg, "BAG_THRESHOLD", 0.0, 1.0, closed=False)
-    _check_range(cfg, "ALPHA", 0.0, 1.0, closed=True)
-    if musu.CRITERION not in CRITERIA:
-        _fail("CRITERION", f"must be one of {CRITERIA}", musu.CRITERION)
-    _check_positive(cfg, "TEMPERATURE", allow_zero=True)
-    _check_positive(cfg, "TAU_RATIO")
-    _check_positive(cfg, "BETA", allow_zero=True)
-    _check_range(cfg, "FOCAL_LOSS_ALPHA", 0.0, 1.0, closed=True)
-    _check_positive(cfg, "FOCAL_LOSS_GAMMA", allow_zero=True)
-    _check_positive(cfg, "REG_LOSS_WEIGHT", allow_zero=True)
-    _check_range(cfg, "SCORE_THRESH_TEST", 0.0, 1.0, closed=True)
-    if not isinstance(musu.TOPK_CANDIDATES_TEST, int) or musu.TOPK_CANDIDATES_TEST < 1:
-        _fail("TOPK_CANDIDATES_TEST", "must be an integer >= 1", musu.TOPK_CANDIDATES_TEST)
-    _check_range(cfg, "NMS_THRESH_TEST", 0.0, 1.0, closed=True)
-    if not isinstance(musu.WARMUP_ASSIGNER_ITERS, int) or musu.WARMUP_ASSIGNER_ITERS < 0:
-        _fail("WARMUP_ASSIGNER_ITERS", "must be an integer >= 0", musu.WARMUP_ASSIGNER_ITERS)
-    for key, value, allowed in (
-        ("SOLVER.AMP.PRECISION", cfg.SOLVER.AMP.PRECISION, AMP_PRECISIONS),
-        ("SOLVER.AMP.CPU_BFLOAT16", cfg.SOLVER.AMP.CPU_BFLOAT16, CPU_BFLOAT16_MODES),
+        if len(low_high) != 2 or not (0.0 < low_high[0] <= low_high[1]):
+            raise ValueError(
+                f"Invalid config: {path}.{key} must be [low, high] with 0 < low <= high, "
+                f"got {low_high!r}"
+            )
+    for key in ("PRIOR_PROB", "BAG_THRESHOLD"):
+        check_number(musu, path, key, low=0.0, high=1.0, low_open=True, high_open=True)
+    for key in ("ALPHA", "FOCAL_LOSS_ALPHA", "SCORE_THRESH_TEST", "NMS_THRESH_TEST"):
+        check_number(musu, path, key, low=0.0, high=1.0)
+    for key in ("THETA", "TAU_RATIO"):
+        check_number(musu, path, key, low=0.0, low_open=True)
+    for key in ("TEMPERATURE", "BETA", "FOCAL_LOSS_GAMMA", "REG_LOSS_WEIGHT"):
+        check_number(musu, path, key, low=0.0)
+    check_choice(musu, path, "CRITERION", CRITERIA)
+    check_number(musu, path, "TOPK_CANDIDATES_TEST", low=1, integer=True)
+    check_number(musu, path, "WARMUP_ASSIGNER_ITERS", low=0, integer=True)
+    check_choice(cfg.SOLVER.AMP, "SOLVER.AMP", "PRECISION", AMP_PRECISIONS)
+    check_choice(cfg.SOLVER.AMP, "SOLVER.AMP", "CPU_BFLOAT16", CPU_BFLOAT16_MODES)
+    for node, path_to_bool, key in (
+        (cfg.TEST.AMP, "TEST.AMP", "ENABLED"),
+        (cfg.MODEL, "MODEL", "CHANNELS_LAST"),
     ):
-        if value not in allowed:
-            raise ValueError(f"Invalid config: {key} must be one of {allowed}, got {value!r}")
+        check_bool(node, path_to_bool, key)
+
+
+def build_config(
+    config_file: str | os.PathLike | None, opts: Sequence[str] = (), *, freeze: bool = True
+) -> CN:
+    """The config of a run: Detectron2's defaults + ``MODEL.MUSU`` + the installed projects' keys
+    + ``config_file`` (``None``: none) + ``opts`` (``["KEY", "VALUE", ...]``).
+
+    Guarantees: an unknown key or a malformed option raises ``KeyError`` naming the key and the
+    file (or "command-line options"); a missing local file raises ``FileNotFoundError``;
+    ``MODEL.DEVICE`` "cuda..." becomes "cpu" (with a warning) where CUDA is unavailable; the
+    values pass :func:`validate_musu_config` and every project's ``validate_config``; the result
+    is frozen if ``freeze``.
+    """
+    cfg = get_cfg()
+    add_musu_config(cfg)
+    add_project_configs(cfg)
+    sources = []
+    if config_file is not None:
+        config_file = os.fspath(config_file)
+        if "://" not in config_file and not os.path.isfile(config_file):
+            raise FileNotFoundError(f"Config file {config_file} not found")
+        sources.append((f"config file {config_file}", cfg.merge_from_file, config_file))
+    sources.append(("command-line options", cfg.merge_from_list, list(opts)))
+    for source, merge, value in sources:
+        try:
+            merge(value)
+        except (KeyError, AssertionError) as error:  # yacs: "Non-existent (config) key: A.B"
+            message = error.args[0] if error.args else repr(error)
+            raise KeyError(f"Invalid config in {source}: {message}") from error
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("CUDA is not available: MODEL.DEVICE set to 'cpu'.")
+        cfg.MODEL.DEVICE = "cpu"
+    validate_musu_config(cfg)
+    validate_project_configs(cfg)
+    if freeze:
+        cfg.freeze()
+    return cfg

@@ -9,7 +9,6 @@ any CPU (emulated bfloat16 is slow but exact enough for these checks).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,9 +25,9 @@ from musu.data import register_coco_dataset
 from musu.data.synthetic import ensure_split
 from musu.engine import AtomicCheckpointer, amp
 
+import train_net  # the root script (conftest.py puts the root on sys.path)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # train_net.py is a script at the root, not in the package
-import train_net  # noqa: E402
 
 SYNTHETIC_CONFIG = REPO_ROOT / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
 TRAIN_NAME, VAL_NAME = "amp_synthetic_train", "amp_synthetic_val"
@@ -292,7 +291,9 @@ def test_train_net_trains_in_bf16_and_evaluates_in_float32_and_back(
     # The bfloat16-trained checkpoint evaluates in float32 (default) and in bfloat16.
     in_float32, dtypes = _evaluate_with_dtype_spy(tmp_path / "e32", weights)
     assert dtypes == {torch.float32}
-    in_bf16, dtypes = _evaluate_with_dtype_spy(tmp_path / "e16", weights, "TEST.AMP.ENABLED", "True")
+    in_bf16, dtypes = _evaluate_with_dtype_spy(
+        tmp_path / "e16", weights, "TEST.AMP.ENABLED", "True"
+    )
     assert dtypes == {torch.bfloat16}
     for bbox in (in_float32, in_bf16):
         assert all(0.0 <= bbox[k] <= 100.0 for k in ("AP", "AP50", "AP75")), bbox

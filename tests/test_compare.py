@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
 
-import musu  # noqa: F401  (registers datasets and the MuSu META_ARCH)
+import musu
 from musu.data import register_coco_dataset
 from musu.data.synthetic import ensure_split
 
+import compare  # tools/compare.py (conftest.py puts tools/ on sys.path)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tools"))  # compare.py is a script, not part of the package
-import compare  # noqa: E402
 
 MUSU_CFG = REPO_ROOT / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
 FCOS_CFG = REPO_ROOT / "configs" / "Synthetic" / "fcos_R_18_FPN_synthetic.yaml"
@@ -104,8 +104,8 @@ def test_train_fcos_via_train_net_then_evaluate(tiny_split: list, tmp_path: Path
 def test_eval_only_on_a_musu_checkpoint(tiny_split: list, tmp_path: Path) -> None:
     name = tiny_split[0][0]
     opts = compare.dataset_opts(f"{name},{name}") + TINY
-    cfg = compare.build_cfg(str(MUSU_CFG), opts)
-    model = compare.build_model(cfg)
+    cfg = musu.build_config(str(MUSU_CFG), opts)
+    model = build_model(cfg)
     torch.save({"model": model.state_dict()}, tmp_path / "musu.pth")
     argv = [str(MUSU_CFG), "--dataset", f"{name},{name}", "--output", str(tmp_path),
             "--eval-only", "--checkpoints", str(tmp_path / "musu.pth"), "--warmup", "1",

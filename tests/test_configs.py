@@ -387,3 +387,68 @@ def test_musu_importable_registers_meta_arch() -> None:
     assert META_ARCH_REGISTRY.get("MuSu") is MuSu
     assert BACKBONE_REGISTRY.get("build_musu_resnet_fpn_backbone") is not None
     assert musu.add_musu_config is add_musu_config
+
+
+# --------------------------------------------------------------------------------------------
+# The one config builder and the validator helpers.
+# --------------------------------------------------------------------------------------------
+
+
+def test_build_config_merges_file_and_opts_validates_and_freezes() -> None:
+    cfg = musu.build_config(SYNTHETIC_CONFIG, ["MODEL.MUSU.ALPHA", "0.5"])
+    assert cfg.is_frozen() and cfg.MODEL.MUSU.ALPHA == 0.5
+    assert cfg.MODEL.MUSU.NUM_CLASSES == file_musu_keys(SYNTHETIC_CONFIG)["NUM_CLASSES"]
+    assert not musu.build_config(SYNTHETIC_CONFIG, freeze=False).is_frozen()
+    assert musu.build_config(None).MODEL.MUSU.NUM_CLASSES == 80  # defaults only
+
+
+def test_build_config_adds_installed_projects_keys() -> None:
+    """Every installed project's nodes (e.g. MODEL.MG of musu_mg) are in the built config."""
+    with_projects = musu_cfg()
+    names = musu.add_project_configs(with_projects)
+    added = set(with_projects.MODEL.keys()) - set(musu_cfg().MODEL.keys())
+    assert ("musu_mg" in names) == ("MG" in added)
+    assert added <= set(musu.build_config(SYNTHETIC_CONFIG).MODEL.keys())
+
+
+def test_build_config_errors_name_the_key_and_the_source(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f'_BASE_: "{SYNTHETIC_CONFIG}"\nMODEL:\n  MUSU:\n    FOO: 1\n')
+    with pytest.raises(KeyError, match=re.escape(f"config file {bad}")) as error:
+        musu.build_config(bad)
+    assert "MODEL.MUSU.FOO" in str(error.value)
+    with pytest.raises(KeyError, match="command-line options.*SOLVER.BASE_LRR"):
+        musu.build_config(SYNTHETIC_CONFIG, ["SOLVER.BASE_LRR", "0.1"])
+    with pytest.raises(KeyError, match="command-line options"):
+        musu.build_config(SYNTHETIC_CONFIG, ["MODEL.MUSU.ALPHA"])  # odd-length list
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        musu.build_config(tmp_path / "nope.yaml")
+    with pytest.raises(ValueError, match="MODEL.MUSU.ALPHA"):
+        musu.build_config(SYNTHETIC_CONFIG, ["MODEL.MUSU.ALPHA", "1.5"])
+
+
+def test_build_config_falls_back_to_cpu_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert musu.build_config(SYNTHETIC_CONFIG, ["MODEL.DEVICE", "cuda:0"]).MODEL.DEVICE == "cpu"
+
+
+def test_check_number_messages_name_the_key_and_the_interval() -> None:
+    node = CfgNode({"A": 0.0, "B": 2, "C": True, "D": float("nan"), "E": "x"})
+    cases = [
+        (dict(key="A", low=0.0, high=1.0, low_open=True), r"X\.A must be a finite number in "
+         r"\(0\.0, 1\.0\], got 0\.0"),
+        (dict(key="B", low=3, integer=True), r"X\.B must be an integer >= 3, got 2"),
+        (dict(key="C", low=0), r"X\.C must be a finite number >= 0, got True"),
+        (dict(key="D"), r"X\.D must be a finite number, got nan"),
+        (dict(key="A", high=-1, hint="below B"), r"X\.A must be a finite number <= -1 \(below B\)"),
+    ]  # fmt: skip
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            musu.config.check_number(node, "X", **kwargs)
+    musu.config.check_number(node, "X", "A", low=0.0, high=1.0)  # closed ends accept 0
+    musu.config.check_number(node, "X", "B", low=2, high=2, integer=True)
+    with pytest.raises(ValueError, match=r"X\.E must be one of \('y', 'z'\), got 'x'"):
+        musu.config.check_choice(node, "X", "E", ["y", "z"])
+    with pytest.raises(ValueError, match=r"X\.B must be True or False, got 2"):
+        musu.config.check_bool(node, "X", "B")
+    musu.config.check_bool(node, "X", "C")

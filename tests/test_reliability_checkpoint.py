@@ -34,9 +34,9 @@ from musu.data.synthetic import ensure_split
 from musu.engine import AtomicCheckpointer
 from musu.engine import checkpoint as checkpoint_module
 
+import train_net  # the root script (conftest.py puts the root on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # train_net.py is a script at the root, not in the package
-import train_net  # noqa: E402
 
 SYNTHETIC_CONFIG = REPO / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
@@ -30,9 +29,9 @@ from musu.data.synthetic import ensure_split
 from musu.modeling import MuSu, MuSuAssigner
 from musu.modeling.meta_arch import anchor_points, decode_boxes
 
+import train_net  # the root script (conftest.py puts the root on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # train_net.py is a script at the root, not in the package
-import train_net  # noqa: E402
 
 SYNTHETIC_CONFIG = REPO / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
 STRIDES = [8, 16, 32, 64, 128]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,9 @@ from detectron2.engine import default_argument_parser
 from musu.data import register_coco_dataset
 from musu.data.synthetic import ensure_split
 
+import train_net  # the root script (conftest.py puts the root on sys.path)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # train_net.py is a script at the root, not in the package
-import train_net  # noqa: E402
 
 BASE_CONFIG = REPO_ROOT / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
 TRAIN_NAME, VAL_NAME = "e2e_synthetic_train", "e2e_synthetic_val"

@@ -1,5 +1,5 @@
 """musu.model_zoo's config lookup (every config of the repository, as package data), the
-published-weights table, and MODEL_ZOO.md's agreement with that table."""
+published-weights table (``musu/model_zoo/models.json``), and MODEL_ZOO.md's agreement with it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import pytest
 
 from musu import model_zoo
 from musu.model_zoo import MODEL_ZOO_FILES
-from musu.model_zoo.file_io import HASH_PREFIX_LENGTH, PREFIX, resolve
+from musu.model_zoo.file_io import DEFAULT_MODEL_ZOO_URL, HASH_PREFIX_LENGTH, PREFIX, resolve
+from musu.model_zoo.table import TABLE_FILE, read_table
+
+from publish_model import render_table  # tools/publish_model.py (conftest.py: tools/ on sys.path)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_CONFIGS = sorted(
@@ -74,3 +77,17 @@ def test_model_zoo_md_lists_every_published_model_and_every_config_link_exists()
         assert (REPO_ROOT / link).is_file(), link
     for published in re.findall(r"musu://[\w./-]+/model_final_[0-9a-f]+\.pth", text):
         assert published[len(PREFIX) :] in {e.file for e in MODEL_ZOO_FILES.values()}, published
+
+
+def test_model_zoo_md_table_is_rendered_from_models_json() -> None:
+    """MODEL_ZOO.md's table of published models is ``tools/publish_model.py --print-table``."""
+    text = (REPO_ROOT / "MODEL_ZOO.md").read_text()
+    assert read_table(TABLE_FILE) == MODEL_ZOO_FILES
+    assert render_table(MODEL_ZOO_FILES, DEFAULT_MODEL_ZOO_URL) in text
+
+
+def test_table_file_errors_name_the_record(tmp_path: Path) -> None:
+    path = tmp_path / "models.json"
+    path.write_text('{"models": [{"name": "A/b", "file": "A/b/model_final_0.pth"}]}')
+    with pytest.raises(ValueError, match=r"models\.json: model record 0 \(A/b\)"):
+        read_table(path)

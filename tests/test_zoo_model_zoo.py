@@ -33,7 +33,9 @@ from musu.data import register_coco_dataset
 from musu.data.synthetic import ensure_split
 from musu.model_zoo import ChecksumMismatchError, ModelZooEntry, ModelZooError
 from musu.model_zoo.file_io import cache_dir, fetch, sha256_of
-from musu.model_zoo.publish import PublishedModel, publish
+
+import train_net  # the root script (conftest.py puts the root and tools/ on sys.path)
+from publish_model import PublishedModel, publish
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "Synthetic/musu_R_18_FPN_synthetic.yaml"
@@ -315,9 +317,6 @@ def test_cache_dir_precedence(monkeypatch, tmp_path) -> None:
 def test_train_net_eval_only_with_musu_weights(zoo, tmp_path, monkeypatch) -> None:
     """``train_net.py --eval-only MODEL.WEIGHTS musu://<name>`` evaluates the published weights."""
     mirror, pub, state = zoo
-    sys.path.insert(0, str(REPO_ROOT))
-    import train_net
-
     paths = ensure_split("val", tmp_path / "data", num_images=4, seed=5, image_size=128)
     if "zoo_eval_val" not in DatasetCatalog.list():
         register_coco_dataset("zoo_eval_val", paths.json_file, paths.image_root)

@@ -1,10 +1,9 @@
-"""tools/publish_model.py and musu.model_zoo.publish: what a published file holds, its hashed
+"""tools/publish_model.py: what a published file holds, its hashed
 name, and the numbers collected from a run's output folder."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,7 +14,10 @@ from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
 from musu.model_zoo.file_io import ModelZooError, validate_checkpoint
-from musu.model_zoo.publish import (
+from musu.model_zoo.table import TABLE_FILE, read_table
+
+import publish_model  # tools/publish_model.py (conftest.py puts tools/ on sys.path)
+from publish_model import (
     AUTHOR,
     model_zoo_row,
     publish,
@@ -125,7 +127,7 @@ def test_model_zoo_row_and_table_entry(tmp_path: Path) -> None:
     assert f"(https://example.org/zoo/{published.relpath})" in row
     assert f"(https://example.org/zoo/{NAME}/metrics.json)" in row
     entry = published.table_entry()
-    assert f'"{NAME}": ModelZooEntry(' in entry and published.sha256 in entry
+    assert f'"name": "{NAME}"' in entry and published.sha256 in entry
 
 
 def test_ap_from_log_copypaste_when_metrics_lack_it(tmp_path: Path) -> None:
@@ -164,11 +166,7 @@ def test_schedule_names() -> None:
 def test_tool_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     _write_run(run)
-    spec = importlib.util.spec_from_file_location(
-        "publish_model", REPO_ROOT / "tools" / "publish_model.py"
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = publish_model
     published = tool.main(["--run-dir", str(run), "--name", NAME, "--output", str(tmp_path / "m")])
     out = capsys.readouterr().out
     assert published.path.is_file() and str(published.path) in out
@@ -176,3 +174,39 @@ def test_tool_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert published.table_entry() in out
     with pytest.raises(SystemExit, match="not found"):
         tool.main(["--run-dir", str(tmp_path / "nope"), "--name", NAME, "--output", str(tmp_path)])
+
+
+def test_update_table_adds_or_replaces_the_record(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _write_run(run)
+    table = tmp_path / "models.json"
+    table.write_text(TABLE_FILE.read_text())
+    before = read_table(table)
+    published = publish(run / "model_final.pth", tmp_path / "mirror", NAME)
+    publish_model.update_table(published, table)
+    after = read_table(table)
+    assert after[NAME] == published.entry()
+    assert after[NAME].file == published.relpath and after[NAME].ap == 41.25
+    assert {k: v for k, v in after.items() if k != NAME} == {
+        k: v for k, v in before.items() if k != NAME
+    }
+    assert list(after) == list(before) + ([] if NAME in before else [NAME])
+    assert (
+        json.loads(published.table_entry())
+        == json.loads(table.read_text())["models"][list(after).index(NAME)]
+    )
+
+
+def test_tool_prints_the_table_and_updates_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = tmp_path / "models.json"
+    table.write_text('{"models": []}\n')
+    run = tmp_path / "run"
+    _write_run(run)
+    argv = ["--run-dir", str(run), "--name", NAME, "--output", str(tmp_path / "m")]
+    published = publish_model.main([*argv, "--table", str(table), "--update-table"])
+    capsys.readouterr()
+    assert publish_model.main(["--print-table", "--table", str(table)]) is None
+    out = capsys.readouterr().out
+    assert out == publish_model.TABLE_HEADER + "\n" + model_zoo_row(published) + "\n"

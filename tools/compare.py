@@ -34,24 +34,21 @@ import argparse
 import json
 import logging
 import math
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, inference_on_dataset
-from detectron2.modeling import build_model
 from torch import nn
 
 import musu
 from musu.data import register_coco_dataset
+from musu.engine import train_seconds_per_iter
 from musu.evaluation import PRE_NMS_OPTS, ConsistencyEvaluator
+from musu.model_zoo import load_model
 
 logger = logging.getLogger("musu.compare")
 
@@ -104,21 +101,6 @@ def dataset_opts(dataset: Optional[str]) -> List[str]:
     return opts
 
 
-def build_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
-    """The config train_net.py builds (defaults + MODEL.MUSU + projects' keys + file + opts)."""
-    cfg = get_cfg()
-    musu.add_musu_config(cfg)
-    musu.add_project_configs(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    musu.validate_musu_config(cfg)
-    musu.validate_project_configs(cfg)
-    cfg.freeze()
-    return cfg
-
-
 def train_command(
     config_file: str, run_dir: Path, opts: Sequence[str], registered: Sequence[Sequence[str]]
 ) -> List[str]:
@@ -152,20 +134,6 @@ def train(
     return time.perf_counter() - start
 
 
-def train_seconds_per_iter(metrics_json: Path, skip_iters: int = 20) -> float:
-    """Median of Detectron2's ``time`` entries in metrics.json after ``skip_iters``; nan if none."""
-    if not metrics_json.is_file():
-        return float("nan")
-    times = []
-    for line in metrics_json.read_text().splitlines():
-        if not line.strip():
-            continue
-        entry = json.loads(line)
-        if "time" in entry and entry.get("iteration", -1) >= skip_iters:
-            times.append(float(entry["time"]))
-    return statistics.median(times) if times else float("nan")
-
-
 class _TimedModel(nn.Module):
     """Wraps a model; accumulates forward wall time after ``warmup`` calls (batch-1 loader)."""
 
@@ -185,13 +153,6 @@ class _TimedModel(nn.Module):
         return outputs
 
 
-def _load_model(cfg: CfgNode, checkpoint: str) -> nn.Module:
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(checkpoint)
-    model.eval()
-    return model
-
-
 def evaluate(
     config_file: str,
     checkpoint: str,
@@ -201,12 +162,12 @@ def evaluate(
     max_images: int = 0,
 ) -> Dict[str, float]:
     """COCO AP + inference s/image (config's settings) and pre-NMS consistency, in-process."""
-    cfg = build_cfg(config_file, opts)
+    cfg = musu.build_config(config_file, opts)
     dataset = cfg.DATASETS.TEST[0]
     loader = build_detection_test_loader(cfg, dataset)
     if max_images > 0:
         loader = _limited(loader, max_images)
-    timed = _TimedModel(_load_model(cfg, checkpoint), warmup)
+    timed = _TimedModel(load_model(cfg, checkpoint), warmup)
     coco = COCOEvaluator(dataset, output_dir=str(output_dir / "inference"))
     post_nms = ConsistencyEvaluator(dataset)
     results = inference_on_dataset(timed, loader, DatasetEvaluators([coco, post_nms]))
@@ -214,8 +175,8 @@ def evaluate(
     row["infer_s_per_image"] = timed.seconds / timed.images if timed.images else float("nan")
     row.update({f"post_nms_{k}": v for k, v in results["consistency"].items()})
 
-    pre_cfg = build_cfg(config_file, list(opts) + PRE_NMS_OPTS)
-    pre_model = _load_model(pre_cfg, checkpoint)
+    pre_cfg = musu.build_config(config_file, list(opts) + PRE_NMS_OPTS)
+    pre_model = load_model(pre_cfg, checkpoint)
     pre_loader = build_detection_test_loader(pre_cfg, dataset)
     if max_images > 0:
         pre_loader = _limited(pre_loader, max_images)

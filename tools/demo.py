@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import List
 
 import cv2
-import torch
-from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -26,18 +24,6 @@ from detectron2.utils.visualizer import Visualizer
 import musu
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    cfg = get_cfg()
-    musu.add_musu_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    musu.validate_musu_config(cfg)
-    cfg.freeze()
-    return cfg
 
 
 def list_images(inputs: List[str]) -> List[str]:
@@ -71,7 +57,7 @@ def main(argv: List[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    cfg = setup_cfg(args)
+    cfg = musu.build_config(args.config_file, args.opts)
     if not cfg.MODEL.WEIGHTS:
         parser.error(
             "no weights: pass --opts MODEL.WEIGHTS path/to/model_final.pth (or musu://name)"

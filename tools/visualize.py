@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -36,16 +35,17 @@ import torch  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.data import detection_utils as utils  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K  # noqa: E402
 from detectron2.modeling.meta_arch.fcos import FCOS  # noqa: E402
 from detectron2.structures import BoxMode  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import _load_model, build_cfg  # noqa: E402
-
+from musu import build_config  # noqa: E402
+from musu.engine import read_metrics_json  # noqa: E402
 from musu.evaluation import spearman  # noqa: E402
+from musu.model_zoo import load_model  # noqa: E402
 from musu.modeling import MuSu, MuSuHead  # noqa: E402
 from musu.modeling.head import initial_anchor_shapes  # noqa: E402
 from musu.modeling.meta_arch import anchor_points, decode_boxes  # noqa: E402
@@ -83,20 +83,26 @@ def run_head(model, image: np.ndarray, cfg) -> Tuple[List[Tensor], List[List[Ten
     return features, predictions
 
 
+def flat_predictions(predictions: List[List[Tensor]], widths: Sequence[int]) -> List[List[Tensor]]:
+    """Each head output list (per level (N, A*K, H, W)) as per level (N, H*W*A, K), K in
+    ``widths`` (e.g. [C, 4, 1]), through Detectron2's public ``permute_to_N_HWA_K``."""
+    return [[permute_to_N_HWA_K(x, k) for x in outputs] for outputs, k in zip(predictions, widths)]
+
+
 def dense_maps(model, cfg, image: np.ndarray) -> List[Dict[str, Tensor]]:
     """Per level: "scores" (H, W, A, C) ranking scores, "boxes" (H, W, A, 4), "stride"."""
     features, predictions = run_head(model, image, cfg)
     levels = []
     with torch.no_grad():
         if isinstance(model, MuSu):
-            logits, box_reg, objectness = model._flatten_predictions(predictions)
+            logits, box_reg, objectness = flat_predictions(predictions, [model.num_classes, 4, 1])
             for level, feature in enumerate(features):
                 height, width = feature.shape[-2:]
                 stride = model.strides[level]
                 points, strides = anchor_points(
                     [(height, width)], [stride], model.num_anchors, feature.device
                 )
-                scores = logits[level][0].sigmoid() * objectness[level][0].sigmoid()[:, None]
+                scores = logits[level][0].sigmoid() * objectness[level][0].sigmoid()
                 boxes = decode_boxes(points, strides, box_reg[level][0])
                 shape = (height, width, model.num_anchors)
                 levels.append(
@@ -104,9 +110,7 @@ def dense_maps(model, cfg, image: np.ndarray) -> List[Dict[str, Tensor]]:
                      "stride": stride}  # fmt: skip
                 )
         elif isinstance(model, FCOS):
-            logits, deltas, centerness = model._transpose_dense_predictions(
-                predictions, [model.num_classes, 4, 1]
-            )
+            logits, deltas, centerness = flat_predictions(predictions, [model.num_classes, 4, 1])
             anchors = model.anchor_generator(features)
             for level, feature in enumerate(features):
                 height, width = feature.shape[-2:]
@@ -160,7 +164,7 @@ def _argmax_cell(values: np.ndarray, stride: int) -> Tuple[float, float]:
 
 def figure_consistency(args) -> None:
     models = [
-        (name, build_cfg(cfg_file, args.opts), weights) for name, cfg_file, weights in args.model
+        (name, build_config(cfg_file, args.opts), weights) for name, cfg_file, weights in args.model
     ]
     rgb, gt_boxes, gt_classes = load_example(models[0][1], args.dataset, args.image)
     if len(gt_boxes) == 0:
@@ -169,7 +173,7 @@ def figure_consistency(args) -> None:
     obj = int(areas.argmax()) if args.object < 0 else args.object
     fig, axes = plt.subplots(len(models), 3, figsize=(11, 3.6 * len(models)), squeeze=False)
     for row, (name, cfg, weights) in enumerate(models):
-        model = _load_model(cfg, weights)
+        model = load_model(cfg, weights)
         maps = object_maps(dense_maps(model, cfg, rgb), gt_boxes[obj], int(gt_classes[obj]))
         stride = maps["stride"]
         extent = (0, maps["conf"].shape[1] * stride, maps["conf"].shape[0] * stride, 0)
@@ -198,20 +202,20 @@ def figure_consistency(args) -> None:
 
 
 def figure_assignment(args) -> None:
-    cfg = build_cfg(args.config, args.opts)
-    model = _load_model(cfg, args.weights)
+    cfg = build_config(args.config, args.opts)
+    model = load_model(cfg, args.weights)
     if not isinstance(model, MuSu):
         raise TypeError("the assignment figure needs a MuSu model (its assigner)")
     rgb, gt_boxes, gt_classes = load_example(cfg, args.dataset, args.image)
     features, predictions = run_head(model, rgb, cfg)
     with torch.no_grad():
-        logits, box_reg, objectness = model._flatten_predictions(predictions)
-        points, strides = model._points(features)  # (R, 2), (R,)
+        logits, box_reg, objectness = flat_predictions(predictions, [model.num_classes, 4, 1])
+        sizes = [tuple(f.shape[-2:]) for f in features]
+        points, strides = anchor_points(sizes, model.strides, model.num_anchors, features[0].device)
         cls_logits, log_dist = torch.cat(logits, 1), torch.cat(box_reg, 1)  # (1, R, C), (1, R, 4)
-        scores = cls_logits.sigmoid() * torch.cat(objectness, 1).sigmoid()[..., None]
+        scores = cls_logits.sigmoid() * torch.cat(objectness, 1).sigmoid()  # (1, R, C)
         pred_boxes = decode_boxes(points, strides, log_dist)
         assignment = model.assigner(points, scores, pred_boxes, [gt_boxes], [gt_classes])
-    sizes = [tuple(f.shape[-2:]) for f in features]
     counts = [h * w * model.num_anchors for h, w in sizes]
     cls_w = assignment.cls_weight[0].split(counts)
     reg_w = assignment.reg_weight[0].split(counts)
@@ -253,8 +257,8 @@ def learned_anchor_boxes(head: MuSuHead) -> Tensor:
 
 
 def figure_anchors(args) -> None:
-    cfg = build_cfg(args.config, args.opts)
-    model = _load_model(cfg, args.weights)
+    cfg = build_config(args.config, args.opts)
+    model = load_model(cfg, args.weights)
     head = model.head
     if not isinstance(head, MuSuHead):
         raise TypeError("the anchors figure needs a MuSu model")
@@ -295,11 +299,6 @@ def figure_anchors(args) -> None:
     print(f"wrote {args.out}")
 
 
-def read_metrics(path: Path) -> List[dict]:
-    """Entries of a Detectron2 metrics.json (one JSON object per line)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _final_eval_from_compare(run_dir: Path, iteration: int) -> List[dict]:
     """Without evaluations in metrics.json, the final AP that tools/compare.py wrote for this
     run (``<run dir>/../compare.json``, keyed by the run dir's name), as one entry."""
@@ -315,7 +314,7 @@ def _final_eval_from_compare(run_dir: Path, iteration: int) -> List[dict]:
 def figure_curves(args) -> None:
     fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
     for name, run_dir in args.run:
-        entries = read_metrics(Path(run_dir) / "metrics.json")
+        entries = read_metrics_json(Path(run_dir) / "metrics.json")
         train = [e for e in entries if "total_loss" in e]
         iters = [e["iteration"] for e in train]
         line = ax_loss.plot(iters, [e["total_loss"] for e in train], lw=2, label=f"{name} total")[0]

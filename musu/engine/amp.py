@@ -31,7 +31,7 @@ from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, SimpleTrainer
 from torch import nn
 
-from ..config import AMP_PRECISIONS, CPU_BFLOAT16_MODES
+from ..config import AMP_PRECISIONS, CPU_BFLOAT16_MODES, check_choice
 
 __all__ = [
     "Autocast",
@@ -95,18 +95,14 @@ def resolve_autocast(cfg: CfgNode, *, training: bool) -> Autocast:
     if not enabled:
         return Autocast(device_type, None, f"{key} is False")
     if device_type == "cuda":
-        precision = cfg.SOLVER.AMP.PRECISION
-        if precision not in AMP_PRECISIONS:
-            raise ValueError(f"SOLVER.AMP.PRECISION must be one of {AMP_PRECISIONS}, got {precision!r}")
-        return Autocast(device_type, getattr(torch, precision), f"{key} on CUDA")
+        check_choice(cfg.SOLVER.AMP, "SOLVER.AMP", "PRECISION", AMP_PRECISIONS)
+        return Autocast(device_type, getattr(torch, cfg.SOLVER.AMP.PRECISION), f"{key} on CUDA")
     if device_type != "cpu":
         return Autocast(device_type, None, f"no mixed precision on device {device_type!r}")
-    mode = cfg.SOLVER.AMP.CPU_BFLOAT16
-    if mode not in CPU_BFLOAT16_MODES:
-        raise ValueError(f"SOLVER.AMP.CPU_BFLOAT16 must be one of {CPU_BFLOAT16_MODES}, got {mode!r}")
+    check_choice(cfg.SOLVER.AMP, "SOLVER.AMP", "CPU_BFLOAT16", CPU_BFLOAT16_MODES)
     if cpu_has_native_bf16():
         return Autocast("cpu", torch.bfloat16, f"{key}; the CPU has native bfloat16")
-    if mode == "always":
+    if cfg.SOLVER.AMP.CPU_BFLOAT16 == "always":
         return Autocast(
             "cpu", torch.bfloat16, f"{key} and SOLVER.AMP.CPU_BFLOAT16 'always' (emulated bfloat16)"
         )

@@ -1,7 +1,8 @@
 """MuSu's model zoo, mirroring ``detectron2.model_zoo``; importing it registers ``musu://``.
 
 ``get_config_file`` / ``get_config`` / ``get_checkpoint_url`` / ``get`` take a config path
-relative to ``configs/`` (shipped inside the package). ``MODEL.WEIGHTS musu://<name>`` works
+relative to ``configs/`` (shipped inside the package); ``load_model(cfg, weights)`` builds and
+loads any config's model. The published models are listed in ``models.json`` (:mod:`.table`). ``MODEL.WEIGHTS musu://<name>`` works
 wherever Detectron2's ``PathManager`` resolves paths (``DetectionCheckpointer``,
 ``train_net.py --eval-only``): downloads are cached and verified (:mod:`.file_io`).
 """
@@ -19,16 +20,15 @@ from .file_io import (
     model_zoo_url,
 )
 from .model_zoo import (
-    MODEL_ZOO_FILES,
-    ModelZooEntry,
     WeightsOnlyCheckpointer,
-    configs_root,
     get,
     get_checkpoint_url,
     get_config,
     get_config_file,
     list_configs,
+    load_model,
 )
+from .table import MODEL_ZOO_FILES, TABLE_FILE, ModelZooEntry, configs_root
 
 PathManager.register_handler(MuSuModelZooHandler())
 
@@ -40,6 +40,7 @@ __all__ = [
     "ModelZooEntry",
     "ModelZooError",
     "MuSuModelZooHandler",
+    "TABLE_FILE",
     "WeightsOnlyCheckpointer",
     "cache_dir",
     "configs_root",
@@ -49,5 +50,6 @@ __all__ = [
     "get_config_file",
     "list_configs",
     "load_checkpoint",
+    "load_model",
     "model_zoo_url",
 ]

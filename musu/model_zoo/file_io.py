@@ -27,13 +27,15 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Mapping
 
 import torch
 from iopath.common.file_io import PathHandler, file_lock
+
+from ..engine.checkpoint import atomic_write
+from .table import MODEL_ZOO_FILES, configs_root
 
 __all__ = [
     "ALLOWED_CHECKPOINT_KEYS",
@@ -125,8 +127,6 @@ def resolve(name: str) -> ResolvedFile:
     Raises :class:`ModelZooError` for a name that is neither in the model zoo table nor a file
     name carrying a hash (``..._<8 to 64 hex>.pth``), which could not be verified.
     """
-    from .model_zoo import MODEL_ZOO_FILES, configs_root  # model_zoo imports this module
-
     name = name[len(PREFIX) :] if name.startswith(PREFIX) else name
     name = name.strip("/")
     key = name[: -len(".yaml")] if name.endswith(".yaml") else name
@@ -162,17 +162,17 @@ def _check_hash(path: Path, expected: str, actual: str, url: str, note: str = ""
         )
 
 
-def _download(url: str, dest: Path) -> tuple[str, str]:
-    """Download ``url`` to ``dest`` (a temporary name); return the content's SHA-256 and a note
-    on its size when it differs from the declared Content-Length (a truncated transfer)."""
+def _download(url: str, dest: IO[bytes]) -> tuple[str, str]:
+    """Download ``url`` into the open file ``dest``; return the content's SHA-256 and a note on
+    its size when it differs from the declared Content-Length (a truncated transfer)."""
     request = urllib.request.Request(url, headers={"User-Agent": "musu-model-zoo"})
     digest, size = hashlib.sha256(), 0
     logger.info("Downloading %s ...", url)
     try:
-        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response, open(dest, "wb") as f:
+        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
             declared = response.headers.get("Content-Length")
             while chunk := response.read(_CHUNK):
-                f.write(chunk)
+                dest.write(chunk)
                 digest.update(chunk)
                 size += len(chunk)
     except urllib.error.HTTPError as error:
@@ -214,14 +214,9 @@ def fetch(name: str, force: bool = False) -> str:
                 resolved.sha256,
             )
             cached.unlink()
-        tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.part")
-        try:
-            actual, note = _download(url, tmp)
+        with atomic_write(cached, "wb") as f:  # a wrong hash raises: nothing is published
+            actual, note = _download(url, f)
             _check_hash(cached, resolved.sha256, actual, url, note)
-            os.replace(tmp, cached)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     logger.info("%s cached in %s", url, cached)
     validate_checkpoint(cached)
     return str(cached)

@@ -9,65 +9,26 @@ Mirrors ``detectron2.model_zoo``: :func:`get_config_file`, :func:`get_config`,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from torch import nn
 
-from ..config import add_musu_config
+from ..config import build_config
 from .file_io import PREFIX
+from .table import MODEL_ZOO_FILES, configs_root
 
 __all__ = [
-    "MODEL_ZOO_FILES",
-    "ModelZooEntry",
     "WeightsOnlyCheckpointer",
-    "configs_root",
     "get",
     "get_checkpoint_url",
     "get_config",
     "get_config_file",
     "list_configs",
+    "load_model",
 ]
-
-
-class ModelZooEntry(NamedTuple):
-    """A published checkpoint: its path under the release location and its full SHA-256."""
-
-    file: str
-    sha256: str
-
-
-# Config name (path under configs/, no ".yaml") -> published file. tools/publish_model.py prints
-# the line to add here; the files themselves live at the release location (file_io.py), not in git.
-MODEL_ZOO_FILES: dict[str, ModelZooEntry] = {
-    "Synthetic/musu_R_18_FPN_synthetic": ModelZooEntry(
-        "Synthetic/musu_R_18_FPN_synthetic/model_final_e74fca883bf5.pth",
-        "e74fca883bf57973fb161aa85ee3efffef97b2ee74bc25af9a20716b3cc08081",
-    ),
-    "BCCD/musu_R_18_FPN_bccd": ModelZooEntry(
-        "BCCD/musu_R_18_FPN_bccd/model_final_81cdf5f98ed9.pth",
-        "81cdf5f98ed91461593122398b181be42625660b6215f40272ccaa14070e9898",
-    ),
-}
-
-
-def configs_root() -> Path:
-    """The folder holding the config files: ``musu/model_zoo/configs`` (a copy or link made by
-    ``setup.py`` at build time, present in wheels and editable installs), else the source
-    checkout's ``configs/``."""
-    packaged = Path(__file__).parent / "configs"
-    if packaged.is_dir():
-        return packaged
-    checkout = Path(__file__).resolve().parents[2] / "configs"
-    if checkout.is_dir():
-        return checkout
-    raise RuntimeError(
-        f"MuSu's config files are missing: neither {packaged} nor {checkout} exists. Reinstall "
-        "musu (pip install .), which puts them into the package."
-    )
 
 
 def list_configs() -> list[str]:
@@ -99,17 +60,13 @@ def get_checkpoint_url(config_path: str) -> str:
 
 
 def get_config(config_path: str, trained: bool = False) -> CfgNode:
-    """Detectron2 defaults + ``add_musu_config`` + the built-in file ``config_path``.
+    """:func:`musu.config.build_config` of the built-in file ``config_path``, not frozen.
 
     With ``trained=True``, ``MODEL.WEIGHTS`` is the published checkpoint's ``musu://`` URL;
     otherwise it is the file's own (e.g. ImageNet initialization, or none).
     """
-    cfg = get_cfg()
-    add_musu_config(cfg)
-    cfg.merge_from_file(get_config_file(config_path))
-    if trained:
-        cfg.MODEL.WEIGHTS = get_checkpoint_url(config_path)
-    return cfg
+    opts = ["MODEL.WEIGHTS", get_checkpoint_url(config_path)] if trained else []
+    return build_config(get_config_file(config_path), opts, freeze=False)
 
 
 class WeightsOnlyCheckpointer(DetectionCheckpointer):
@@ -118,6 +75,14 @@ class WeightsOnlyCheckpointer(DetectionCheckpointer):
 
     def _torch_load(self, f: str) -> dict:
         return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+
+
+def load_model(cfg: CfgNode, weights: str | None = None) -> nn.Module:
+    """``build_model(cfg)`` with ``weights`` (default ``cfg.MODEL.WEIGHTS``; a local path or any
+    PathManager path such as ``musu://``) loaded weights-only, in eval mode."""
+    model = build_model(cfg)
+    WeightsOnlyCheckpointer(model).load(cfg.MODEL.WEIGHTS if weights is None else weights)
+    return model.eval()
 
 
 def get(config_path: str, trained: bool = False, device: str | None = None) -> nn.Module:
@@ -130,10 +95,6 @@ def get(config_path: str, trained: bool = False, device: str | None = None) -> n
         model = model_zoo.get("Synthetic/musu_R_18_FPN_synthetic.yaml", trained=True)
     """
     cfg = get_config(config_path, trained)
-    if device is None and not torch.cuda.is_available():
-        device = "cpu"
     if device is not None:
         cfg.MODEL.DEVICE = device
-    model = build_model(cfg)
-    WeightsOnlyCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    return model.eval()
+    return load_model(cfg)

@@ -50,7 +50,7 @@ from common import (  # tools/benchmarks/common.py: the script's folder is on sy
     quiet_warnings,
     random_boxes,
 )
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.structures import Boxes, Instances
@@ -61,13 +61,9 @@ import musu
 
 
 def load_config(path: str, device: str, opts: List[str]) -> CfgNode:
-    """Detectron2 defaults + MODEL.MUSU + the config file + command-line overrides."""
-    cfg = get_cfg()
-    musu.add_musu_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(opts)
-    cfg.MODEL.DEVICE = device
-    return cfg
+    """:func:`musu.build_config` of the file and overrides on ``device``, not frozen (the
+    benchmark sets A and the score threshold per model)."""
+    return musu.build_config(path, list(opts) + ["MODEL.DEVICE", device], freeze=False)
 
 
 def build_musu(cfg: CfgNode, num_anchors: int, score_thresh: float, seed: int) -> nn.Module:
@@ -258,7 +254,10 @@ def main() -> None:
         device,
     )
     infer = interleaved_timings(
-        {key: inference_step(model, test_images, key[1], device) for key, model in variants.items()},
+        {
+            key: inference_step(model, test_images, key[1], device)
+            for key, model in variants.items()
+        },
         args.iters,
         args.warmup,
         device,

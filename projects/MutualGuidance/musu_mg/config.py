@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 from detectron2.config import CfgNode as CN
+
+from musu.config import check_bool, check_choice, check_number
 
 __all__ = ["add_mg_config", "validate_mg_config", "BOX_LOSSES"]
 
@@ -40,34 +40,19 @@ def add_mg_config(cfg: CN) -> None:
     cfg.MODEL.MG.BOX_LOSS_WEIGHT = 1.0
 
 
-def _fail(key: str, message: str, value: object) -> None:
-    raise ValueError(f"Invalid config: MODEL.MG.{key} {message}, got {value!r}")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def validate_mg_config(cfg: CN) -> None:
     """Raise ValueError naming the key for an invalid ``MODEL.MG`` value (or, for the
     ``MGRetinaNet`` META_ARCH, a class count that disagrees with ``MODEL.MUSU.NUM_CLASSES``)."""
-    mg = cfg.MODEL.MG
+    mg, path = cfg.MODEL.MG, "MODEL.MG"
     for key in ("L2C", "C2L"):
-        if not isinstance(mg[key], bool):
-            _fail(key, "must be True or False", mg[key])
-    if not (_is_number(mg.SIGMA) and mg.SIGMA > 1):
-        _fail("SIGMA", "must be a finite number > 1", mg.SIGMA)
-    if not (_is_number(mg.POS_IOU) and 0 < mg.POS_IOU <= 1):
-        _fail("POS_IOU", "must lie in (0, 1]", mg.POS_IOU)
-    if not (_is_number(mg.NEG_IOU) and 0 < mg.NEG_IOU <= mg.POS_IOU):
-        _fail("NEG_IOU", f"must lie in (0, POS_IOU = {mg.POS_IOU}]", mg.NEG_IOU)
-    if mg.BOX_LOSS not in BOX_LOSSES:
-        _fail("BOX_LOSS", f"must be one of {BOX_LOSSES}", mg.BOX_LOSS)
+        check_bool(mg, path, key)
+    check_number(mg, path, "SIGMA", low=1, low_open=True)
+    check_number(mg, path, "POS_IOU", low=0, high=1, low_open=True)
+    check_number(mg, path, "NEG_IOU", low=0, high=mg.POS_IOU, low_open=True, hint="POS_IOU")
+    check_choice(mg, path, "BOX_LOSS", BOX_LOSSES)
     for key in ("BALANCED_L1_ALPHA", "BALANCED_L1_GAMMA", "BALANCED_L1_BETA"):
-        if not (_is_number(mg[key]) and mg[key] > 0):
-            _fail(key, "must be a finite number > 0", mg[key])
-    if not (_is_number(mg.BOX_LOSS_WEIGHT) and mg.BOX_LOSS_WEIGHT >= 0):
-        _fail("BOX_LOSS_WEIGHT", "must be a finite number >= 0", mg.BOX_LOSS_WEIGHT)
+        check_number(mg, path, key, low=0, low_open=True)
+    check_number(mg, path, "BOX_LOSS_WEIGHT", low=0)
     if cfg.MODEL.META_ARCHITECTURE == "MGRetinaNet" and "MUSU" in cfg.MODEL:
         # train_net.py checks the training data against MODEL.MUSU.NUM_CLASSES.
         if cfg.MODEL.RETINANET.NUM_CLASSES != cfg.MODEL.MUSU.NUM_CLASSES:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
+from musu.config import check_choice, check_number
+
 __all__ = ["add_ranksort_config", "validate_ranksort_config", "CLS_LABELS"]
 
 # Continuous label of a positive: IoU of its predicted box, or that IoU times the assigner's
@@ -28,11 +30,6 @@ def add_ranksort_config(cfg: CN) -> None:
 
 def validate_ranksort_config(cfg: CN) -> None:
     """Raise ValueError naming the key for an invalid ``MODEL.RANKSORT`` value."""
-    rs = cfg.MODEL.RANKSORT
-    if not rs.DELTA > 0:
-        raise ValueError(f"Invalid config: MODEL.RANKSORT.DELTA must be > 0, got {rs.DELTA!r}")
-    if rs.CLS_LABEL not in CLS_LABELS:
-        raise ValueError(
-            f"Invalid config: MODEL.RANKSORT.CLS_LABEL must be one of {CLS_LABELS}, "
-            f"got {rs.CLS_LABEL!r}"
-        )
+    rs, path = cfg.MODEL.RANKSORT, "MODEL.RANKSORT"
+    check_number(rs, path, "DELTA", low=0, low_open=True)
+    check_choice(rs, path, "CLS_LABEL", CLS_LABELS)

@@ -19,23 +19,20 @@ import time
 from typing import Dict, List
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 import musu
-import musu_ranksort
+import musu_ranksort  # noqa: F401  (registers the Rank & Sort META_ARCH)
 
 
 def load_cfg(path: str) -> CfgNode:
-    cfg = get_cfg()
-    musu.add_musu_config(cfg)
-    musu_ranksort.add_ranksort_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg.DATALOADER.NUM_WORKERS = 0
-    return cfg
+    """:func:`musu.build_config` of ``path`` (installed projects' keys included) on CUDA where
+    available, else CPU, with the data loaded in the main process."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return musu.build_config(path, ["MODEL.DEVICE", device, "DATALOADER.NUM_WORKERS", "0"])
 
 
 def timed_losses(model: torch.nn.Module, record: List[float]) -> None:
