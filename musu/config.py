@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 
 from detectron2.config import CfgNode as CN
 
-from .modeling.assigner import CRITERIA
+from .modeling.assigners.constants import CRITERIA
 
 __all__ = [
     "add_musu_config",

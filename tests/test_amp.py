@@ -15,7 +15,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import musu
-from musu.modeling.assigner import MuSuAssigner
+from musu.modeling.assigners import MuSuAssigner
 
 
 def _tiny_model(num_anchors: int):

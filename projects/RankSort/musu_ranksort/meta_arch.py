@@ -18,33 +18,14 @@ from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
 from fvcore.nn import giou_loss
 from torch import Tensor
 
-from musu.modeling.assigner import Assignment, pad_ground_truth
+from musu.modeling.assigners import Assignment, matched_box_iou, pad_ground_truth
+from musu.modeling.losses import merged_logits
 from musu.modeling.meta_arch import MuSu
 
 from .config import CLS_LABELS, validate_ranksort_config
 from .rank_sort import rank_sort_loss
 
-__all__ = ["MuSuRankSort", "merged_logits", "paired_iou"]
-
-
-def merged_logits(cls_logits: Tensor, obj_logits: Tensor) -> Tensor:
-    """logit(p) for p = sigmoid(cls) * sigmoid(obj), (N, R, C) from (N, R, C) and (N, R).
-
-    1 - p = p (e^-a + e^-b + e^-(a+b)), hence logit(p) = -logsumexp(-a, -b, -a-b): exact and
-    finite for any finite logits.
-    """
-    a, b = torch.broadcast_tensors(cls_logits, obj_logits[..., None])
-    return -torch.logsumexp(torch.stack([-a, -b, -(a + b)]), dim=0)
-
-
-def paired_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of matching rows of two (P, 4) XYXY tensors."""
-    low = torch.maximum(boxes1[:, :2], boxes2[:, :2])
-    high = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
-    inter = (high - low).clamp(min=0).prod(dim=1)
-    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(dim=1)
-    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(dim=1)
-    return inter / (area1 + area2 - inter).clamp(min=torch.finfo(boxes1.dtype).tiny)
+__all__ = ["MuSuRankSort"]
 
 
 @META_ARCH_REGISTRY.register()
@@ -108,7 +89,7 @@ class MuSuRankSort(MuSu):
         object_index = assignment.gt_index[image_index, anchor_index]
         pos_class = padded_classes[image_index, object_index]  # (Q,)
         with torch.no_grad():
-            iou = paired_iou(
+            iou = matched_box_iou(
                 pred_boxes[image_index, anchor_index].detach(),
                 padded_boxes[image_index, object_index],
             )
