@@ -592,3 +592,15 @@ def test_warmup_assigner_config_errors_name_the_key() -> None:
                 ]
             )
         )
+
+
+def test_cell_box_transform_decodes_exactly_like_decode_boxes() -> None:
+    """Inference decodes through Detectron2's ``DenseDetector`` with cell boxes as anchors: the
+    boxes equal ``decode_boxes`` on the points and strides bit for bit."""
+    from musu.modeling.meta_arch import CellBoxTransform
+
+    points, strides = anchor_points([(13, 21), (7, 11), (4, 6)], [8, 16, 32], 3, "cpu")
+    log_dist = torch.randn(len(points), 4, generator=torch.Generator().manual_seed(0)) * 3
+    cells = CellBoxTransform.cell_boxes(points, strides)
+    decoded = CellBoxTransform.apply_deltas(log_dist, cells.tensor)
+    assert torch.equal(decoded, decode_boxes(points, strides, log_dist))

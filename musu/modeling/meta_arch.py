@@ -14,7 +14,6 @@ classification loss (:class:`~musu.modeling.assigners.IgnoreCrowdRegions`).
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -43,8 +42,6 @@ from .head import MuSuHead
 from .losses import musu_classification_loss, weighted_giou_loss
 
 __all__ = ["MuSu", "anchor_points", "decode_boxes"]
-
-logger = logging.getLogger(__name__)
 
 # exp() input bound for box distances: stride * e^12 (~1.6e5 * stride) is beyond any image.
 _MAX_LOG_DISTANCE = 12.0

@@ -173,10 +173,15 @@ def _source_line(fn: Callable, line: int) -> str:
 def print_profiles(
     run_musu: Callable[[], object], run_fcos: Callable[[], object], label: str
 ) -> Dict[str, object]:
-    """Per-step breakdown of MuSu and per-line breakdown of FCOS for one size (one call each).
+    """Per-step breakdown of MuSu and per-line breakdown of FCOS for one size (one call each)."""
+    summary = _print_musu_profile(run_musu, label)
+    _print_fcos_profile(run_fcos, label)
+    return summary
 
-    The MuSu steps are the functions of ``STEPS``; the rest of the call (input checks, padding,
-    output tensors) is the total minus their time."""
+
+def _print_musu_profile(run_musu: Callable[[], object], label: str) -> Dict[str, object]:
+    """Time and allocations per step function of ``STEPS``; the rest of the call (input checks,
+    padding, output tensors) is the total minus their time."""
     functions = {step.__name__: step for step in STEPS}
     musu = line_profile(run_musu, list(STEPS))
     by_section: Dict[str, List[float]] = {}
@@ -212,6 +217,15 @@ def print_profiles(
     print(f"\nMuSu slowest lines, {label}:\n")
     print(markdown_table(["line", "ms", "allocated MiB", "source"], line_rows))
 
+    return {
+        "musu_steps_ms": {k: 1e3 * v[0] for k, v in by_section.items()},
+        "musu_steps_allocated_mib": {k: v[1] / MIB for k, v in by_section.items()},
+        "musu_peak_line": None if peak_line is None else f"{peak_line[0]}:{peak_line[1]}",
+    }
+
+
+def _print_fcos_profile(run_fcos: Callable[[], object], label: str) -> None:
+    """The slowest lines of Detectron2's ``FCOS._match_anchors``."""
     targets = [FCOS.label_anchors, FCOS._match_anchors]
     fcos_prof = line_profile(run_fcos, targets)
     funcs = {inspect_unwrap(t).__name__: t for t in targets}
@@ -234,11 +248,6 @@ def print_profiles(
         f"peak {fcos_prof.peak_bytes / MIB:.1f} MiB):\n"
     )
     print(markdown_table(["line", "ms", "allocated MiB", "source"], line_rows))
-    return {
-        "musu_steps_ms": {k: 1e3 * v[0] for k, v in by_section.items()},
-        "musu_steps_allocated_mib": {k: v[1] / MIB for k, v in by_section.items()},
-        "musu_peak_line": None if peak_line is None else f"{peak_line[0]}:{peak_line[1]}",
-    }
 
 
 def measure(
@@ -290,7 +299,8 @@ def measure(
     return row
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line (module docstring); errors for a missing CUDA device."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
@@ -325,29 +335,13 @@ def main() -> None:
         "--profile", action="store_true", help="per-step breakdown of MuSu and FCOS (CPU only)"
     )
     args = parser.parse_args()
-    quiet_warnings()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
+    return args
 
-    assigner = MuSuAssigner()
-    fcos = build_fcos(device)
-    records = []
-    for short_side in args.sizes:
-        size = image_size(short_side)
-        for num_objects in args.objects:
-            for num_anchors in args.num_anchors:
-                records.append(
-                    measure(assigner, fcos, num_anchors, num_objects, size, args, device)
-                )
-                print(
-                    f"measured {size[0]}x{size[1]} A={num_anchors} M={num_objects}",
-                    file=sys.stderr,
-                    flush=True,
-                )
 
+def print_results(records: List[Dict[str, object]], args: argparse.Namespace, device) -> None:
+    """The Markdown table of ``records``, how it was measured, and the JSON file if asked."""
     headers = ["image", "A", "M", "R", "MuSu ms", "FCOS ms", "time ratio", "MuSu peak MiB"]
     headers += ["FCOS peak MiB", "memory ratio"]
     formats = ["", "", "", "", ".1f", ".1f", ".2f", ".1f", ".1f", ".2f"]
@@ -379,6 +373,31 @@ def main() -> None:
         payload["rows"] = records
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
+
+
+def main() -> None:
+    args = parse_args()
+    quiet_warnings()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    assigner = MuSuAssigner()
+    fcos = build_fcos(device)
+    records = []
+    for short_side in args.sizes:
+        size = image_size(short_side)
+        for num_objects in args.objects:
+            for num_anchors in args.num_anchors:
+                records.append(
+                    measure(assigner, fcos, num_anchors, num_objects, size, args, device)
+                )
+                print(
+                    f"measured {size[0]}x{size[1]} A={num_anchors} M={num_objects}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print_results(records, args, device)
 
 
 if __name__ == "__main__":

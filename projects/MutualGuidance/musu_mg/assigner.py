@@ -117,6 +117,25 @@ def _static_labels(
     return owner, ignore, num_pos, num_ignored
 
 
+def _localize_to_classify(
+    pred: Tensor, boxes: Tensor, valid: Tensor, num_pos: Tensor, num_ignored: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """Classification owner (N, R) long and ignore mask (N, R) bool of Localize to Classify
+    (module docstring, step 2) from predicted boxes (N, R, 4) and boxes (N, M_max, 4) float32,
+    validity (N, M_max) and the static counts N_p, N_i (N, M_max)."""
+    num_images, num_anchors = pred.shape[:2]
+    i, o, a = intersecting_pairs(pred, boxes, valid)
+    iou_reg = matched_box_iou(pred[i, a].to(torch.float64), boxes[i, o].to(torch.float64)).float()
+    rank = rank_within_objects(i * boxes.shape[1] + o, a, iou_reg)
+    first, count = num_pos[i, o], num_ignored[i, o]
+    pos = select_ranks(rank, iou_reg, torch.zeros_like(first), first)
+    cls_owner = resolve_claims(i[pos], o[pos], a[pos], iou_reg[pos], num_images, num_anchors)
+    held = select_ranks(rank, iou_reg, first, count)
+    ignore = torch.zeros(num_images, num_anchors, dtype=torch.bool, device=pred.device)
+    ignore[i[held], a[held]] = True
+    return cls_owner, ignore & (cls_owner < 0)
+
+
 class MutualGuidanceAssigner:
     """Static / Localize-to-Classify / Classify-to-Localize / Mutual Guidance anchor labels.
 
@@ -173,14 +192,12 @@ class MutualGuidanceAssigner:
         device = scores.device
         num_images, num_anchors, _ = scores.shape
         boxes, classes, valid = pad_ground_truth(gt_boxes, gt_classes, torch.float32, device)
-        max_objects = boxes.shape[1]
-        shape = (num_images, max_objects, num_anchors)
-        boxes64 = boxes.to(torch.float64)
+        shape = (num_images, boxes.shape[1], num_anchors)
         anchors = grid.boxes(device)  # (R, 4) float32
 
         # 1. Static labels from the (image, object, anchor) pairs with IoU_anchor > 0.
         image, obj, anchor = intersecting_pairs(anchors[None], boxes, valid)  # (P,) each
-        iou64 = matched_box_iou(anchors.to(torch.float64)[anchor], boxes64[image, obj])  # (P,)
+        iou64 = matched_box_iou(anchors.double()[anchor], boxes.double()[image, obj])  # (P,)
         owner, ignore, num_pos, num_ignored = _static_labels(
             image, obj, anchor, iou64.float(), shape, self.pos_iou, self.neg_iou
         )
@@ -188,20 +205,9 @@ class MutualGuidanceAssigner:
 
         # 2. Localize to Classify on the pairs with IoU_regressed > 0.
         if self.l2c:
-            pred = pred_boxes.to(torch.float32)
-            i, o, a = intersecting_pairs(pred, boxes, valid)
-            iou_reg = matched_box_iou(pred[i, a].to(torch.float64), boxes64[i, o]).float()
-            rank = rank_within_objects(i * max_objects + o, a, iou_reg)
-            first, count = num_pos[i, o], num_ignored[i, o]
-            pos = select_ranks(rank, iou_reg, torch.zeros_like(first), first)
-            cls_owner = resolve_claims(
-                i[pos], o[pos], a[pos], iou_reg[pos], num_images, num_anchors
+            cls_owner, ignore = _localize_to_classify(
+                pred_boxes.to(torch.float32), boxes, valid, num_pos, num_ignored
             )
-            held = select_ranks(rank, iou_reg, first, count)
-            i, a = i[held], a[held]
-            ignore = torch.zeros_like(ignore)
-            ignore[i, a] = True
-            ignore &= cls_owner < 0
 
         # 3. Classify to Localize on the pairs with IoU_anchor > 0.
         if self.c2l:

@@ -77,9 +77,28 @@ class MuSuRankSort(MuSu):
             gt_boxes, gt_classes, pred_boxes.dtype, pred_boxes.device
         )  # (N, M_max, 4), (N, M_max)
         logits = merged_logits(cls_logits, obj_logits)  # (N, R, C)
-        num_classes = logits.shape[-1]
+        targets = pred_boxes, padded_boxes, padded_classes
+        loss_cls = self._rank_sort_loss(logits, *targets, assignment)
+        loss_box = self._box_loss(logits, *targets, assignment)
+        if self.self_balance:
+            ratio = loss_cls.detach() / loss_box.detach().clamp(min=1e-12)
+            loss_box = loss_box * ratio
+        else:
+            loss_box = loss_box * self.reg_loss_weight
+        return {"loss_rs_cls": loss_cls, "loss_rs_box": loss_box}
 
-        # Classification: positives are (anchor, assigned class) with a positive cls weight.
+    def _rank_sort_loss(
+        self,
+        logits: Tensor,
+        pred_boxes: Tensor,
+        padded_boxes: Tensor,
+        padded_classes: Tensor,
+        assignment: Assignment,
+    ) -> Tensor:
+        """RS loss over every non-ignored (anchor, class) logit (N, R, C); positives are
+        (anchor, assigned class) with a positive cls weight, labelled by the detached IoU of the
+        predicted box (times the cls weight for ``cls_label`` "iou_x_weight")."""
+        num_classes = logits.shape[-1]
         positive_anchor = (assignment.gt_index >= 0) & (assignment.cls_weight > 0)  # (N, R)
         keep_anchor = torch.ones_like(positive_anchor)
         if assignment.ignore is not None:
@@ -101,11 +120,18 @@ class MuSuRankSort(MuSu):
         positive = torch.zeros(logits.numel(), dtype=torch.bool, device=logits.device)
         positive[flat_index] = True
         keep = keep_anchor[..., None].expand_as(logits).reshape(-1)  # (N * R * C,)
-        loss_cls = rank_sort_loss(
-            logits.reshape(-1)[keep], labels[keep], positive[keep], self.rs_delta
-        )
+        return rank_sort_loss(logits.reshape(-1)[keep], labels[keep], positive[keep], self.rs_delta)
 
-        # Regression: GIoU on reg samples, weighted by reg weight x detached score (Eq. S18).
+    def _box_loss(
+        self,
+        logits: Tensor,
+        pred_boxes: Tensor,
+        padded_boxes: Tensor,
+        padded_classes: Tensor,
+        assignment: Assignment,
+    ) -> Tensor:
+        """GIoU on the regression samples, weighted by reg weight x detached score (Eq. S18) and
+        normalized by the summed weights; 0 without samples."""
         reg_mask = assignment.reg_weight > 0  # (N, R)
         reg_gt_index = (
             assignment.gt_index if assignment.reg_gt_index is None else assignment.reg_gt_index
@@ -117,18 +143,9 @@ class MuSuRankSort(MuSu):
             reg_class = padded_classes[reg_image, reg_object]
             score = logits[reg_image, reg_anchor, reg_class].detach().sigmoid()
             weights = weights * score
-        if len(reg_image) > 0:
-            per_box = giou_loss(
-                pred_boxes[reg_image, reg_anchor],
-                padded_boxes[reg_image, reg_object],
-                reduction="none",
-            )  # (P,)
-            loss_box = (weights * per_box).sum() / weights.sum().clamp(min=1e-12)
-        else:
-            loss_box = pred_boxes.sum() * 0.0
-        if self.self_balance:
-            ratio = loss_cls.detach() / loss_box.detach().clamp(min=1e-12)
-            loss_box = loss_box * ratio
-        else:
-            loss_box = loss_box * self.reg_loss_weight
-        return {"loss_rs_cls": loss_cls, "loss_rs_box": loss_box}
+        if len(reg_image) == 0:
+            return pred_boxes.sum() * 0.0
+        per_box = giou_loss(
+            pred_boxes[reg_image, reg_anchor], padded_boxes[reg_image, reg_object], reduction="none"
+        )  # (P,)
+        return (weights * per_box).sum() / weights.sum().clamp(min=1e-12)
