@@ -45,6 +45,7 @@ def _merged_log_probs(cls_logits: Tensor, obj_logits: Tensor) -> tuple[Tensor, T
     """
     if obj_logits.dim() == cls_logits.dim() - 1:
         obj_logits = obj_logits.unsqueeze(-1)
+    cls_logits, obj_logits = torch.broadcast_tensors(cls_logits, obj_logits)  # (..., C)
     log_p = F.logsigmoid(cls_logits) + F.logsigmoid(obj_logits)
     p = log_p.exp()
     log_odds_neg = -merged_logits(cls_logits, obj_logits)
