@@ -75,8 +75,9 @@ def main() -> None:
             start = time.perf_counter()
             result = assigner(grid, scores, pred_boxes, gt_boxes, gt_classes)
             times.append(time.perf_counter() - start)
+        num_static = int(result.stats["bag_size"].sum())
         print(
-            f"| {l2c} | {c2l} | {statistics.median(times):.3f} | {int(result.stats["bag_size"].sum())} | "
+            f"| {l2c} | {c2l} | {statistics.median(times):.3f} | {num_static} | "
             f"{int((result.gt_index >= 0).sum())} | {int((result.reg_gt_index >= 0).sum())} | "
             f"{int(result.ignore.sum())} |"
         )
