@@ -45,7 +45,8 @@ def box_iou(pred: Box, gt: Box) -> float:
 
 @dataclass
 class RefAssignment:
-    """Reference assignment; same fields as ``musu.modeling.assigner.Assignment``."""
+    """Reference assignment: the fields of ``musu.modeling.assigners.Assignment``, with MuSu's
+    statistics (bag_size, tau_cls) as attributes."""
 
     gt_index: torch.Tensor  # (N, R) long
     cls_weight: torch.Tensor  # (N, R) float64

@@ -30,8 +30,9 @@ import train_net  # the root script (conftest.py puts the root on sys.path)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SYNTHETIC_CONFIG = REPO_ROOT / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
+from musu.modeling.assigners import MuSuAssigner
+
 TRAIN_NAME, VAL_NAME = "amp_synthetic_train", "amp_synthetic_val"
-from musu.modeling.assigner import MuSuAssigner
 
 
 def _tiny_model(num_anchors: int):

@@ -22,7 +22,8 @@ from torch import Tensor
 from torchvision.ops import generalized_box_iou
 
 import musu
-from musu.modeling import Assignment, MuSu, MuSuAssigner, musu_classification_loss
+from musu.modeling import AnchorList, Assignment, MuSu, MuSuAssigner, musu_classification_loss
+from musu.modeling.assigners import Anchors, WarmupSwitch
 from musu.modeling.meta_arch import anchor_points, decode_boxes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,14 +327,14 @@ class _RecordingAssigner:
 
     def __call__(
         self,
-        points: Tensor,
+        grid: Anchors,
         scores: Tensor,
         pred_boxes: Tensor,
         gt_boxes: Sequence[Tensor],
         gt_classes: Sequence[Tensor],
     ) -> Assignment:
-        out = self.assigner(points, scores, pred_boxes, gt_boxes, gt_classes)
-        self.calls.append(dict(points=points, scores=scores, pred_boxes=pred_boxes, out=out))
+        out = self.assigner(grid, scores, pred_boxes, gt_boxes, gt_classes)
+        self.calls.append(dict(grid=grid, scores=scores, pred_boxes=pred_boxes, out=out))
         return out
 
 
@@ -366,7 +367,9 @@ def test_losses_recomputed_from_model_assignment(num_objects: Tuple[int, int]) -
     torch.testing.assert_close(recorder.calls[0]["pred_boxes"], pred_boxes.detach())
     gt_boxes = [x["instances"].gt_boxes.tensor for x in batch]
     gt_classes = [x["instances"].gt_classes for x in batch]
-    fresh = MuSuAssigner()(points, scores.detach(), pred_boxes.detach(), gt_boxes, gt_classes)
+    fresh = MuSuAssigner()(
+        AnchorList(points), scores.detach(), pred_boxes.detach(), gt_boxes, gt_classes
+    )
     assert torch.equal(fresh.gt_index, assignment.gt_index)
     torch.testing.assert_close(fresh.cls_weight, assignment.cls_weight)
 
@@ -554,20 +557,22 @@ def test_no_nms_keeps_all_candidates() -> None:
 
 def test_warmup_assigner_replaces_the_main_one_for_its_iterations() -> None:
     """MODEL.MUSU.WARMUP_ASSIGNER_ITERS 2: the FCOS rule decides the samples at iterations 0-1
-    (static weights: tau_cls 0), MuSu's assigner from iteration 2 on (adaptive tau_cls > 0)."""
+    (static weights: no tau_cls), MuSu's assigner from iteration 2 on (adaptive tau_cls > 0)."""
     cfg = synthetic_cfg(overrides=["MODEL.MUSU.WARMUP_ASSIGNER_ITERS", 2])
     model = build(cfg)
     generator = torch.Generator().manual_seed(3)
     inputs = [random_input(3, 64, generator) for _ in range(2)]
-    main, warmup = _RecordingAssigner(model.assigner), _RecordingAssigner(model.warmup_assigner)
-    model.assigner, model.warmup_assigner = main, warmup
+    switch = model.assigner
+    assert isinstance(switch, WarmupSwitch) and switch.iters == 2
+    main, warmup = _RecordingAssigner(switch.main), _RecordingAssigner(switch.warmup)
+    switch.main, switch.warmup = main, warmup
     with EventStorage(start_iter=0) as storage:
         for iteration in range(3):
             storage.iter = iteration
             model(inputs)
     assert (len(warmup.calls), len(main.calls)) == (2, 1)
-    assert all(float(call["out"].tau_cls.max()) == 0.0 for call in warmup.calls)
-    assert float(main.calls[0]["out"].tau_cls.max()) > 0.0
+    assert all("tau_cls" not in call["out"].stats for call in warmup.calls)
+    assert float(main.calls[0]["out"].stats["tau_cls"].max()) > 0.0
     # Outside a trainer (no EventStorage) the main assigner is used.
     model(inputs)
     assert len(main.calls) == 2
@@ -587,3 +592,15 @@ def test_warmup_assigner_config_errors_name_the_key() -> None:
                 ]
             )
         )
+
+
+def test_cell_box_transform_decodes_exactly_like_decode_boxes() -> None:
+    """Inference decodes through Detectron2's ``DenseDetector`` with cell boxes as anchors: the
+    boxes equal ``decode_boxes`` on the points and strides bit for bit."""
+    from musu.modeling.meta_arch import CellBoxTransform
+
+    points, strides = anchor_points([(13, 21), (7, 11), (4, 6)], [8, 16, 32], 3, "cpu")
+    log_dist = torch.randn(len(points), 4, generator=torch.Generator().manual_seed(0)) * 3
+    cells = CellBoxTransform.cell_boxes(points, strides)
+    decoded = CellBoxTransform.apply_deltas(log_dist, cells.tensor)
+    assert torch.equal(decoded, decode_boxes(points, strides, log_dist))

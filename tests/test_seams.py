@@ -7,8 +7,7 @@ import torch
 from detectron2.config import get_cfg
 
 import musu
-from musu.modeling.assigner import Assignment
-from musu.modeling.build import ASSIGNER_REGISTRY, build_assigner
+from musu.modeling.assigners import ASSIGNER_REGISTRY, AnchorList, Assignment, build_assigner
 from musu.modeling.losses import musu_classification_loss
 from musu.modeling.meta_arch import MuSu
 
@@ -31,17 +30,17 @@ def test_registered_assigner_is_built_from_config() -> None:
 
     @ASSIGNER_REGISTRY.register()
     def build_everything_to_object_zero_assigner(cfg):
-        def assign(points, scores, pred_boxes, gt_boxes, gt_classes):
+        def assign(grid, scores, pred_boxes, gt_boxes, gt_classes):
             calls.append(scores.shape)
             n, r, _ = scores.shape
             index = torch.zeros(n, r, dtype=torch.long)
             ones = torch.ones(n, r)
-            return Assignment(index, ones, ones, torch.ones(n, 1, dtype=torch.long), ones[:, :1])
+            return Assignment(index, ones, ones, stats={"bag_size": torch.ones(n, 1).long()})
 
         return assign
 
     assigner = build_assigner(_cfg(ASSIGNER="build_everything_to_object_zero_assigner"))
-    result = assigner(torch.zeros(3, 2), torch.zeros(2, 3, 4), None, None, None)
+    result = assigner(AnchorList(torch.zeros(3, 2)), torch.zeros(2, 3, 4), None, None, None)
     assert calls == [torch.Size([2, 3, 4])] and result.gt_index.shape == (2, 3)
 
 
@@ -70,8 +69,7 @@ def test_regression_targets_follow_reg_gt_index() -> None:
         gt_index=torch.zeros(1, 1, dtype=torch.long),
         cls_weight=torch.ones(1, 1),
         reg_weight=torch.ones(1, 1),
-        bag_size=torch.tensor([[1, 0]]),
-        tau_cls=torch.tensor([[1.0, 0.0]]),
+        stats={"bag_size": torch.tensor([[1, 0]]), "tau_cls": torch.tensor([[1.0, 0.0]])},
     )
     model = MuSu.__new__(MuSu)  # only the loss method and its settings are exercised
     torch.nn.Module.__init__(model)

@@ -210,12 +210,13 @@ def figure_assignment(args) -> None:
     features, predictions = run_head(model, rgb, cfg)
     with torch.no_grad():
         logits, box_reg, objectness = flat_predictions(predictions, [model.num_classes, 4, 1])
-        sizes = [tuple(f.shape[-2:]) for f in features]
-        points, strides = anchor_points(sizes, model.strides, model.num_anchors, features[0].device)
+        grid = model.anchor_grid(features)
+        points, strides = grid.points(model.device), grid.point_strides(model.device)
         cls_logits, log_dist = torch.cat(logits, 1), torch.cat(box_reg, 1)  # (1, R, C), (1, R, 4)
         scores = cls_logits.sigmoid() * torch.cat(objectness, 1).sigmoid()  # (1, R, C)
         pred_boxes = decode_boxes(points, strides, log_dist)
-        assignment = model.assigner(points, scores, pred_boxes, [gt_boxes], [gt_classes])
+        assignment = model.assigner(grid, scores, pred_boxes, [gt_boxes], [gt_classes])
+    sizes = [tuple(f.shape[-2:]) for f in features]
     counts = [h * w * model.num_anchors for h, w in sizes]
     cls_w = assignment.cls_weight[0].split(counts)
     reg_w = assignment.reg_weight[0].split(counts)

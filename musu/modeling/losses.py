@@ -14,25 +14,41 @@ import torch.nn.functional as F
 from fvcore.nn import giou_loss
 from torch import Tensor
 
-__all__ = ["focal_loss_terms", "musu_classification_loss", "weighted_giou_loss"]
+__all__ = [
+    "focal_loss_terms",
+    "merged_logits",
+    "musu_classification_loss",
+    "weighted_giou_loss",
+]
+
+
+def merged_logits(cls_logits: Tensor, obj_logits: Tensor) -> Tensor:
+    """logit(p) for p = sigmoid(cls) * sigmoid(obj), (..., C) from (..., C) and (...,) or
+    (..., 1) objectness.
+
+    1 - p = p (e^-a + e^-b + e^-(a+b)), hence logit(p) = -logsumexp(-a, -b, -a-b): exact and
+    finite for any finite logits.
+    """
+    if obj_logits.dim() == cls_logits.dim() - 1:
+        obj_logits = obj_logits.unsqueeze(-1)
+    a, b = torch.broadcast_tensors(cls_logits, obj_logits)  # (..., C)
+    return -torch.logsumexp(torch.stack([-a, -b, -(a + b)]), dim=0)
 
 
 def _merged_log_probs(cls_logits: Tensor, obj_logits: Tensor) -> tuple[Tensor, Tensor]:
     """log p and log(1 - p) for p = sigmoid(cls) * sigmoid(obj), accurate and finite.
 
     log p = logsigmoid(a) + logsigmoid(b). For p < 1/2, log(1 - p) = log1p(-p) (accurate for
-    small p). For p >= 1/2, with a = cls, b = obj: 1 - p = (e^-a + e^-b + e^-(a+b)) * p, hence
-    log(1 - p) = log p + logsumexp(-a, -b, -a-b), which stays finite (and exact) even where
-    p rounds to 1. Both branches have finite gradients for any finite logits.
+    small p). For p >= 1/2: log(1 - p) = log p - logit(p) (:func:`merged_logits`), which stays
+    finite (and exact) even where p rounds to 1. Both branches have finite gradients for any
+    finite logits.
     """
     if obj_logits.dim() == cls_logits.dim() - 1:
         obj_logits = obj_logits.unsqueeze(-1)
     cls_logits, obj_logits = torch.broadcast_tensors(cls_logits, obj_logits)  # (..., C)
     log_p = F.logsigmoid(cls_logits) + F.logsigmoid(obj_logits)
     p = log_p.exp()
-    log_odds_neg = torch.logsumexp(
-        torch.stack([-cls_logits, -obj_logits, -(cls_logits + obj_logits)]), dim=0
-    )
+    log_odds_neg = -merged_logits(cls_logits, obj_logits)
     log_1mp = torch.where(p < 0.5, torch.log1p(-p.clamp(max=0.5)), log_p + log_odds_neg)
     return log_p, log_1mp
 

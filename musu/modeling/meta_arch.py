@@ -1,21 +1,20 @@
-"""The MuSu meta-architecture: backbone + MuSuHead + MuSuAssigner + base losses.
+"""The MuSu meta-architecture: backbone + MuSuHead + an assigner + base losses.
+
+The assigner (``MODEL.MUSU.ASSIGNER``, see ``musu.modeling.assigners``) decides the samples; this
+module wires it to the head, owns the loss normalizers, logs the assignment statistics and
+decodes detections with Detectron2's ``DenseDetector`` per-level decoding.
 
 Shapes: N images, R anchor slots over all levels (H_l x W_l x A per level, in that order),
 C classes, M_max objects per image after padding.
 
-Robustness: training inputs are checked before the backbone runs (class index outside
-``[0, NUM_CLASSES)`` or non-finite box: ``ValueError`` naming the image file); objects marked
-``gt_is_crowd`` are never candidates and their regions get no classification loss; a non-finite
-loss raises ``FloatingPointError`` naming the term, the iteration and the likely cause.
+Training inputs: a non-finite box raises ``ValueError`` naming the image file before the
+backbone runs; objects marked ``gt_is_crowd`` are never candidates and their regions get no
+classification loss (:class:`~musu.modeling.assigners.IgnoreCrowdRegions`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import logging
-import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,14 +29,19 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
 from ..config import validate_musu_config
-from .assigner import AnchorGrid, Assignment, assignment_stats, pad_ground_truth
-from .build import build_assigner
+from .assigners import (
+    AnchorGrid,
+    Assigner,
+    Assignment,
+    IgnoreCrowdRegions,
+    assignment_stats,
+    build_training_assigner,
+    pad_ground_truth,
+)
 from .head import MuSuHead
 from .losses import musu_classification_loss, weighted_giou_loss
 
 __all__ = ["MuSu", "anchor_points", "decode_boxes"]
-
-logger = logging.getLogger(__name__)
 
 # exp() input bound for box distances: stride * e^12 (~1.6e5 * stride) is beyond any image.
 _MAX_LOG_DISTANCE = 12.0
@@ -61,6 +65,22 @@ def decode_boxes(points: Tensor, strides: Tensor, log_distances: Tensor) -> Tens
     distances (l, t, r, b) = stride * exp(output)."""
     distances = strides[:, None] * log_distances.clamp(max=_MAX_LOG_DISTANCE).exp()
     return torch.cat([points - distances[..., :2], points + distances[..., 2:]], dim=-1)
+
+
+class CellBoxTransform:
+    """MuSu's box decoding in the ``apply_deltas(deltas, anchor_boxes)`` form Detectron2's
+    ``DenseDetector`` decoding calls: the anchor of a point is its cell box (point -/+ stride / 2,
+    which gives back point and stride exactly), the deltas are the log-distances."""
+
+    @staticmethod
+    def cell_boxes(points: Tensor, strides: Tensor) -> Boxes:
+        half = strides[:, None] / 2
+        return Boxes(torch.cat([points - half, points + half], dim=1))
+
+    @staticmethod
+    def apply_deltas(deltas: Tensor, boxes: Tensor) -> Tensor:
+        points = (boxes[:, :2] + boxes[:, 2:]) / 2
+        return decode_boxes(points, boxes[:, 2] - boxes[:, 0], deltas.float())
 
 
 def check_in_features(backbone: Backbone, names: List[str]) -> Dict[str, ShapeSpec]:
@@ -101,47 +121,24 @@ def _split_crowd(
     return boxes, classes, (crowd if has_crowd else None)
 
 
-def _ignore_crowd_regions(
-    assignment: Assignment, points: Tensor, crowd_boxes: List[Tensor]
-) -> Assignment:
-    """Mark unassigned anchors whose point lies inside a crowd box of their image as ignored."""
-    inside = torch.zeros_like(assignment.gt_index, dtype=torch.bool)  # (N, R)
-    for n, boxes in enumerate(crowd_boxes):  # crowd boxes are few: (K, R) per image
-        if len(boxes):
-            px, py = points[:, 0], points[:, 1]  # (R,)
-            boxes = boxes.to(points.device)
-            hit = (px > boxes[:, 0, None]) & (px < boxes[:, 2, None])  # (K, R)
-            hit &= (py > boxes[:, 1, None]) & (py < boxes[:, 3, None])
-            inside[n] = hit.any(dim=0)
-    ignore = inside & (assignment.gt_index < 0)
-    if assignment.ignore is not None:
-        ignore |= assignment.ignore
-    return dataclasses.replace(assignment, ignore=ignore)
-
-
-def _check_finite_losses(
-    losses: Dict[str, Tensor], cls_logits: Tensor, obj_logits: Tensor, pred_boxes: Tensor
-) -> None:
-    """Raise ``FloatingPointError`` naming every non-finite loss term, the iteration (when run
-    by a trainer) and whether the head outputs were already non-finite. One device sync."""
-    values = torch.stack([v.detach().float() for v in losses.values()])
-    if bool(torch.isfinite(values).all()):
+def _check_finite_boxes(batched_inputs: List[Dict[str, Any]]) -> None:
+    """``ValueError`` naming the image for non-finite ground-truth boxes (one batched test on the
+    loader's CPU tensors; images are only searched on failure)."""
+    instances = [x["instances"] for x in batched_inputs if "instances" in x]
+    if not instances or bool(
+        torch.isfinite(torch.cat([x.gt_boxes.tensor for x in instances])).all()
+    ):
         return
-    bad = {k: v for k, v in zip(losses, values.tolist()) if not math.isfinite(v)}
-    try:
-        iteration: object = get_event_storage().iter
-    except AssertionError:  # not run by a trainer
-        iteration = "? (no EventStorage)"
-    outputs = {"cls_logits": cls_logits, "obj_logits": obj_logits, "pred_boxes": pred_boxes}
-    broken = [k for k, v in outputs.items() if not bool(torch.isfinite(v.detach()).all())]
-    cause = (
-        f"the head outputs {broken} are already non-finite: the weights or the input images hold"
-        " NaN/Inf (training diverged: lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or "
-        "enable SOLVER.CLIP_GRADIENTS; or check the images)"
-        if broken
-        else "the head outputs are finite: check the ground-truth boxes of this batch"
-    )
-    raise FloatingPointError(f"MuSu: non-finite loss at iteration {iteration}: {bad}; {cause}")
+    for index, item in enumerate(batched_inputs):
+        if "instances" not in item:
+            continue
+        finite = torch.isfinite(item["instances"].gt_boxes.tensor).all(dim=1)
+        if not bool(finite.all()):
+            raise ValueError(
+                f"image {item.get('file_name', f'#{index} of the batch')} "
+                f"(image_id {item.get('image_id', '?')}): object(s) "
+                f"{(~finite).nonzero().flatten().tolist()[:10]} have non-finite box coordinates"
+            )
 
 
 @META_ARCH_REGISTRY.register()
@@ -161,10 +158,8 @@ class MuSu(DenseDetector):
         backbone: Backbone,
         head: MuSuHead,
         head_in_features: List[str],
-        assigner: Callable[..., Assignment],
+        assigner: Assigner,
         num_classes: int,
-        warmup_assigner: Optional[Callable[..., Assignment]] = None,
-        warmup_assigner_iters: int = 0,
         focal_loss_alpha: float = 0.25,
         focal_loss_gamma: float = 2.0,
         beta: float = 4.0,
@@ -184,8 +179,7 @@ class MuSu(DenseDetector):
         self.num_classes = num_classes
         self.num_anchors = head.num_anchors
         self.assigner = assigner
-        self.warmup_assigner = warmup_assigner
-        self.warmup_assigner_iters = warmup_assigner_iters if warmup_assigner is not None else 0
+        self.box2box_transform = CellBoxTransform()  # for DenseDetector's decoding
         self.focal_loss_alpha = focal_loss_alpha
         self.focal_loss_gamma = focal_loss_gamma
         self.beta = beta
@@ -206,12 +200,8 @@ class MuSu(DenseDetector):
             "backbone": backbone,
             "head": head,
             "head_in_features": list(musu.IN_FEATURES),
-            "assigner": build_assigner(cfg),
+            "assigner": build_training_assigner(cfg),
             "num_classes": musu.NUM_CLASSES,
-            "warmup_assigner": (
-                build_assigner(cfg, "WARMUP_ASSIGNER") if musu.WARMUP_ASSIGNER_ITERS > 0 else None
-            ),
-            "warmup_assigner_iters": musu.WARMUP_ASSIGNER_ITERS,
             "focal_loss_alpha": musu.FOCAL_LOSS_ALPHA,
             "focal_loss_gamma": musu.FOCAL_LOSS_GAMMA,
             "beta": musu.BETA,
@@ -225,46 +215,10 @@ class MuSu(DenseDetector):
         }
 
     def forward(self, batched_inputs: List[Dict[str, Any]]):
-        """Detectron2's forward; in training, the ground truth is checked first."""
+        """Detectron2's forward; in training, the boxes are checked to be finite first."""
         if self.training:
-            self._check_ground_truth(batched_inputs)
+            _check_finite_boxes(batched_inputs)
         return super().forward(batched_inputs)
-
-    def _check_ground_truth(self, batched_inputs: List[Dict[str, Any]]) -> None:
-        """``ValueError`` naming the image for class indices the model cannot represent or
-        non-finite boxes: indexing with them would fail far away or silently train on garbage.
-        One batched test (on the loader's CPU tensors); images are only searched on failure."""
-        instances = [x["instances"] for x in batched_inputs if "instances" in x]
-        if not instances:
-            return
-        classes = torch.cat([x.gt_classes for x in instances])  # (sum M,)
-        boxes = torch.cat([x.gt_boxes.tensor for x in instances])  # (sum M, 4)
-        if bool(
-            ((classes >= 0) & (classes < self.num_classes)).all() & torch.isfinite(boxes).all()
-        ):
-            return
-        for index, item in enumerate(batched_inputs):
-            if "instances" not in item:
-                continue
-            where = (
-                f"image {item.get('file_name', f'#{index} of the batch')} "
-                f"(image_id {item.get('image_id', '?')})"
-            )
-            classes = item["instances"].gt_classes
-            bad = (classes < 0) | (classes >= self.num_classes)
-            if bool(bad.any()):
-                raise ValueError(
-                    f"{where}: object(s) {bad.nonzero().flatten().tolist()[:10]} have class "
-                    f"indices {classes[bad].unique().tolist()[:10]} outside [0, {self.num_classes})"
-                    f": MODEL.MUSU.NUM_CLASSES ({self.num_classes}) is smaller than the dataset's"
-                    " number of classes, or the dataset maps category ids wrongly"
-                )
-            finite = torch.isfinite(item["instances"].gt_boxes.tensor).all(dim=1)
-            if not bool(finite.all()):
-                raise ValueError(
-                    f"{where}: object(s) {(~finite).nonzero().flatten().tolist()[:10]} have "
-                    "non-finite box coordinates"
-                )
 
     def _flatten_predictions(
         self, predictions: List[List[Tensor]]
@@ -275,13 +229,10 @@ class MuSu(DenseDetector):
         )
         return logits, box_reg, [x.squeeze(-1) for x in objectness]
 
-    def _grid(self, features: List[Tensor]) -> AnchorGrid:
+    def anchor_grid(self, features: List[Tensor]) -> AnchorGrid:
+        """The anchor layout of the head outputs on ``features`` (one tensor per level)."""
         sizes = tuple((f.shape[-2], f.shape[-1]) for f in features)
         return AnchorGrid(sizes, tuple(self.strides), self.num_anchors)
-
-    def _points(self, features: List[Tensor]) -> Tuple[Tensor, Tensor]:
-        sizes = [(f.shape[-2], f.shape[-1]) for f in features]
-        return anchor_points(sizes, self.strides, self.num_anchors, features[0].device)
 
     def forward_training(
         self,
@@ -296,35 +247,20 @@ class MuSu(DenseDetector):
             cls_logits = torch.cat(logits, dim=1).float()  # (N, R, C)
             log_distances = torch.cat(box_reg, dim=1).float()  # (N, R, 4)
             obj_logits = torch.cat(objectness, dim=1).float()  # (N, R)
-            points, strides = self._points(features)  # (R, 2), (R,)
+            grid = self.anchor_grid(features)
+            device = features[0].device
+            points, strides = grid.points(device), grid.point_strides(device)  # (R, 2), (R,)
             pred_boxes = decode_boxes(points, strides, log_distances)  # (N, R, 4)
 
             gt_boxes, gt_classes, crowd_boxes = _split_crowd(gt_instances)
+            assigner = self.assigner
+            if crowd_boxes is not None:
+                assigner = IgnoreCrowdRegions(assigner, crowd_boxes)
             with torch.no_grad():
                 scores = cls_logits.detach().sigmoid() * obj_logits.detach().sigmoid()[..., None]
-                assigner = self._current_assigner()
-                # Assigners that accept the grid layout list inside pairs per box (O(pairs)).
-                takes_grid = "grid" in inspect.signature(assigner).parameters
-                extra = {"grid": self._grid(features)} if takes_grid else {}
-                assignment = assigner(
-                    points, scores, pred_boxes.detach(), gt_boxes, gt_classes, **extra
-                )
-                if crowd_boxes is not None:
-                    assignment = _ignore_crowd_regions(assignment, points, crowd_boxes)
+                assignment = assigner(grid, scores, pred_boxes.detach(), gt_boxes, gt_classes)
             self._log_assignment(assignment)
             return self.losses(cls_logits, obj_logits, pred_boxes, gt_boxes, gt_classes, assignment)
-
-    def _current_assigner(self) -> Callable[..., Assignment]:
-        """The warm-up assigner during the first ``warmup_assigner_iters`` iterations of the
-        trainer's EventStorage, else (and outside a trainer) the main assigner."""
-        if self.warmup_assigner_iters > 0:
-            try:
-                iteration = get_event_storage().iter
-            except AssertionError:  # no EventStorage: not inside a trainer
-                return self.assigner
-            if iteration < self.warmup_assigner_iters:
-                return self.warmup_assigner
-        return self.assigner
 
     def losses(
         self,
@@ -368,12 +304,10 @@ class MuSu(DenseDetector):
         )
         cls_normalizer = _reduce_mean_normalizer(assignment.cls_weight.sum())
         reg_normalizer = _reduce_mean_normalizer(assignment.reg_weight.sum())
-        losses = {
+        return {
             "loss_musu_cls": loss_cls / cls_normalizer,
             "loss_musu_reg": self.reg_loss_weight * loss_reg / reg_normalizer,
         }
-        _check_finite_losses(losses, cls_logits, obj_logits, pred_boxes)
-        return losses
 
     def _log_assignment(self, assignment: Assignment) -> None:
         try:
@@ -388,24 +322,22 @@ class MuSu(DenseDetector):
     ) -> List[Instances]:
         logits, box_reg, objectness = self._flatten_predictions(predictions)
         sizes = [(f.shape[-2], f.shape[-1]) for f in features]
-        level_points = [  # per level: points (H*W*A, 2), strides (H*W*A,); shared by all images
-            anchor_points([size], [stride], self.num_anchors, self.device)
+        cells = [  # per level: the cell boxes (H*W*A, 4) of the points, shared by all images
+            CellBoxTransform.cell_boxes(
+                *anchor_points([size], [stride], self.num_anchors, self.device)
+            )
             for size, stride in zip(sizes, self.strides)
         ]
         results: List[Instances] = []
-        for image_index, image_size in enumerate(images.image_sizes):
-            per_level = []
-            for level, (points, strides) in enumerate(level_points):
-                scores = (
-                    logits[level][image_index].sigmoid()
-                    * objectness[level][image_index].sigmoid()[:, None]
-                )  # (H*W*A, C)
-                per_level.append(
-                    self._decode_level(
-                        scores, box_reg[level][image_index], points, strides, image_size
-                    )
-                )
-            candidates = Instances.cat(per_level)
+        for index, image_size in enumerate(images.image_sizes):
+            scores = [  # per level (H*W*A, C)
+                cls[index].sigmoid() * obj[index].sigmoid()[:, None]
+                for cls, obj in zip(logits, objectness)
+            ]
+            deltas = [x[index] for x in box_reg]
+            candidates = self._decode_multi_level_predictions(
+                cells, scores, deltas, self.test_score_thresh, self.test_topk_candidates, image_size
+            )
             keep = batched_nms(
                 candidates.pred_boxes.tensor,
                 candidates.scores,
@@ -414,29 +346,3 @@ class MuSu(DenseDetector):
             )
             results.append(candidates[keep[: self.max_detections_per_image]])
         return results
-
-    def _decode_level(
-        self,
-        scores: Tensor,
-        log_distances: Tensor,
-        points: Tensor,
-        strides: Tensor,
-        image_size: Tuple[int, int],
-    ) -> Instances:
-        """Threshold, keep the top-k (anchor, class) pairs of one level, decode their boxes."""
-        flat_scores = scores.reshape(-1)  # (H*W*A*C,)
-        keep = (flat_scores > self.test_score_thresh).nonzero(as_tuple=True)[0]
-        kept_scores = flat_scores[keep]
-        num_topk = min(len(keep), self.test_topk_candidates)
-        kept_scores, order = kept_scores.topk(num_topk)
-        keep = keep[order]
-        anchor_index = keep // self.num_classes
-        boxes = decode_boxes(
-            points[anchor_index], strides[anchor_index], log_distances[anchor_index].float()
-        )
-        return Instances(
-            image_size,
-            pred_boxes=Boxes(boxes),
-            scores=kept_scores,
-            pred_classes=keep % self.num_classes,
-        )

@@ -5,7 +5,7 @@ Inputs (deterministic, ``--seed``): N = 2 images per ``--sizes`` entry (default 
 A x 22,400 anchor slots (A = 1, 3, 5: R from 5.6k to 112k), C = 80 classes; M objects per image with COCO-like
 sizes (8-800 px, see ``common.random_boxes``); scores uniform in [0, 1]; predicted boxes
 ``point -/+ stride * exp(noise)``, noise ~ N(0, 1) per side. Both sides get precomputed
-anchors: ``MuSuAssigner()(points, scores, pred_boxes, gt_boxes, gt_classes, grid=grid)`` against
+anchors: ``MuSuAssigner()(grid, scores, pred_boxes, gt_boxes, gt_classes)`` against
 ``FCOS.label_anchors(anchors, gt_instances)`` of a real ``FCOS`` on the same R anchor slots
 (FCOS's own anchors at A = 1; at A > 1 each location's anchor repeated A times, i.e. the FCOS rule
 labelling every slot, which is what MuSu's FCOS-rule assigner does at A > 1).
@@ -15,7 +15,8 @@ a warm-up; it reports medians, and the time ratio as the median of the per-repea
 Peak memory: tensor memory allocated during one call above the live inputs (outputs included):
 CUDA ``max_memory_allocated``; on CPU the CPU allocator's allocation / free events seen by
 ``torch.profiler(profile_memory=True)``, summed in time order (see ``common.py``).
-``--profile`` adds a per-step / per-line breakdown of both (source traced as is, not copied).
+``--profile`` adds a per-step breakdown of MuSu (one row per step function of
+``musu.modeling.assigners.musu.STEPS``) and a per-line breakdown of both (source traced as is).
 
 Usage (from the repository root): ``python tools/benchmarks/assigner.py [--device cuda]``.
 """
@@ -26,7 +27,6 @@ import argparse
 import inspect
 import json
 import math
-import re
 import statistics
 import sys
 from functools import partial
@@ -53,7 +53,8 @@ from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.structures import Boxes, Instances
 from torch import Tensor
 
-from musu.modeling.assigner import AnchorGrid, MuSuAssigner
+from musu.modeling.assigners import AnchorGrid, AnchorList, MuSuAssigner
+from musu.modeling.assigners.musu import STEPS
 from musu.modeling.meta_arch import anchor_points
 
 IMAGE_SIZES = {400: (400, 667), 800: (800, 1333)}  # shorter side -> (H, W), 1333/800 aspect
@@ -155,16 +156,13 @@ def fcos_inputs(
     return anchors, instances
 
 
-def _sections() -> Dict[int, str]:
-    """Map each source line of ``MuSuAssigner.__call__`` to its step comment ("# 1. ...")."""
-    lines, start = inspect.getsourcelines(inspect_unwrap(MuSuAssigner.__call__))
-    current, mapping = "0. checks, padding, output allocation", {}
-    for offset, text in enumerate(lines):
-        match = re.match(r"\s*#\s*(\d\.\s*.*)", text)
-        if match:
-            current = match.group(1).strip()[:60]
-        mapping[start + offset] = current
-    return mapping
+OTHER = "__call__: checks, padding, outputs"
+
+
+def _step_name(func: str) -> str:
+    """Table label of a profiled function: its step number and name."""
+    names = [step.__name__ for step in STEPS]
+    return f"{names.index(func) + 1}. {func}" if func in names else OTHER
 
 
 def _source_line(fn: Callable, line: int) -> str:
@@ -176,40 +174,58 @@ def print_profiles(
     run_musu: Callable[[], object], run_fcos: Callable[[], object], label: str
 ) -> Dict[str, object]:
     """Per-step breakdown of MuSu and per-line breakdown of FCOS for one size (one call each)."""
-    call = inspect_unwrap(MuSuAssigner.__call__)
-    musu = line_profile(run_musu, [call])
-    section_of = _sections()
+    summary = _print_musu_profile(run_musu, label)
+    _print_fcos_profile(run_fcos, label)
+    return summary
+
+
+def _print_musu_profile(run_musu: Callable[[], object], label: str) -> Dict[str, object]:
+    """Time and allocations per step function of ``STEPS``; the rest of the call (input checks,
+    padding, output tensors) is the total minus their time."""
+    functions = {step.__name__: step for step in STEPS}
+    musu = line_profile(run_musu, list(STEPS))
     by_section: Dict[str, List[float]] = {}
     for (func, line), seconds in musu.seconds.items():
-        entry = by_section.setdefault(section_of.get(line, "?"), [0.0, 0.0])
+        entry = by_section.setdefault(_step_name(func), [0.0, 0.0])
         entry[0] += seconds
         entry[1] += musu.allocated.get((func, line), 0)
     total = musu.total_seconds
+    by_section[OTHER] = [max(total - sum(s for s, _ in by_section.values()), 0.0), 0.0]
     rows = [
         [name, f"{1e3 * s:.1f}", f"{100 * s / total:.0f}%", f"{a / MIB:.1f}"]
         for name, (s, a) in sorted(by_section.items())
     ]
-    peak_line = musu.peak_line[1] if musu.peak_line else None
+    peak_line = musu.peak_line
     print(f"\n#### MuSu assigner by step, {label} (one traced call: {1e3 * total:.1f} ms)\n")
     print(markdown_table(["step", "ms", "share", "allocated MiB"], rows))
     if peak_line is not None:
+        func, line = peak_line
         print(
-            f"\nPeak {musu.peak_bytes / MIB:.1f} MiB reached at line {peak_line} "
-            f"({section_of.get(peak_line, '?')}): `{_source_line(call, peak_line)}`"
+            f"\nPeak {musu.peak_bytes / MIB:.1f} MiB reached at {func}:{line} "
+            f"({_step_name(func)}): `{_source_line(functions[func], line)}`"
         )
     top = sorted(musu.seconds.items(), key=lambda kv: -kv[1])[:8]
     line_rows = [
         [
-            line,
+            f"{f}:{line}",
             f"{1e3 * s:.1f}",
             f"{musu.allocated.get((f, line), 0) / MIB:.1f}",
-            f"`{_source_line(call, line)}`",
+            f"`{_source_line(functions[f], line)}`",
         ]
         for (f, line), s in top
     ]
     print(f"\nMuSu slowest lines, {label}:\n")
     print(markdown_table(["line", "ms", "allocated MiB", "source"], line_rows))
 
+    return {
+        "musu_steps_ms": {k: 1e3 * v[0] for k, v in by_section.items()},
+        "musu_steps_allocated_mib": {k: v[1] / MIB for k, v in by_section.items()},
+        "musu_peak_line": None if peak_line is None else f"{peak_line[0]}:{peak_line[1]}",
+    }
+
+
+def _print_fcos_profile(run_fcos: Callable[[], object], label: str) -> None:
+    """The slowest lines of Detectron2's ``FCOS._match_anchors``."""
     targets = [FCOS.label_anchors, FCOS._match_anchors]
     fcos_prof = line_profile(run_fcos, targets)
     funcs = {inspect_unwrap(t).__name__: t for t in targets}
@@ -232,11 +248,6 @@ def print_profiles(
         f"peak {fcos_prof.peak_bytes / MIB:.1f} MiB):\n"
     )
     print(markdown_table(["line", "ms", "allocated MiB", "source"], line_rows))
-    return {
-        "musu_steps_ms": {k: 1e3 * v[0] for k, v in by_section.items()},
-        "musu_steps_allocated_mib": {k: v[1] / MIB for k, v in by_section.items()},
-        "musu_peak_line": peak_line,
-    }
 
 
 def measure(
@@ -252,10 +263,11 @@ def measure(
     gt_boxes, gt_classes = ground_truth(args.images, num_objects, size, args.seed, device)
     anchors, instances = fcos_inputs(fcos, gt_boxes, gt_classes, size, num_anchors, device)
     points, scores, pred_boxes = musu_inputs(args.images, num_anchors, size, args.seed, device)
-    grid = None
     if args.pairs == "grid":  # as the detector calls it: inside pairs listed per box
         grid = AnchorGrid(tuple(feature_sizes(size)), tuple(STRIDES), num_anchors)
-    run_musu = partial(assigner, points, scores, pred_boxes, gt_boxes, gt_classes, grid=grid)
+    else:  # the same points, inside pairs from one dense (N, M, R) test
+        grid = AnchorList(points)
+    run_musu = partial(assigner, grid, scores, pred_boxes, gt_boxes, gt_classes)
     run_fcos = partial(fcos.label_anchors, anchors, instances)
 
     times = interleaved_timings(
@@ -287,7 +299,8 @@ def measure(
     return row
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line (module docstring); errors for a missing CUDA device."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
@@ -322,29 +335,13 @@ def main() -> None:
         "--profile", action="store_true", help="per-step breakdown of MuSu and FCOS (CPU only)"
     )
     args = parser.parse_args()
-    quiet_warnings()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
+    return args
 
-    assigner = MuSuAssigner()
-    fcos = build_fcos(device)
-    records = []
-    for short_side in args.sizes:
-        size = image_size(short_side)
-        for num_objects in args.objects:
-            for num_anchors in args.num_anchors:
-                records.append(
-                    measure(assigner, fcos, num_anchors, num_objects, size, args, device)
-                )
-                print(
-                    f"measured {size[0]}x{size[1]} A={num_anchors} M={num_objects}",
-                    file=sys.stderr,
-                    flush=True,
-                )
 
+def print_results(records: List[Dict[str, object]], args: argparse.Namespace, device) -> None:
+    """The Markdown table of ``records``, how it was measured, and the JSON file if asked."""
     headers = ["image", "A", "M", "R", "MuSu ms", "FCOS ms", "time ratio", "MuSu peak MiB"]
     headers += ["FCOS peak MiB", "memory ratio"]
     formats = ["", "", "", "", ".1f", ".1f", ".2f", ".1f", ".1f", ".2f"]
@@ -376,6 +373,31 @@ def main() -> None:
         payload["rows"] = records
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
+
+
+def main() -> None:
+    args = parse_args()
+    quiet_warnings()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    assigner = MuSuAssigner()
+    fcos = build_fcos(device)
+    records = []
+    for short_side in args.sizes:
+        size = image_size(short_side)
+        for num_objects in args.objects:
+            for num_anchors in args.num_anchors:
+                records.append(
+                    measure(assigner, fcos, num_anchors, num_objects, size, args, device)
+                )
+                print(
+                    f"measured {size[0]}x{size[1]} A={num_anchors} M={num_objects}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print_results(records, args, device)
 
 
 if __name__ == "__main__":

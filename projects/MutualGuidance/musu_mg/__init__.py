@@ -14,7 +14,6 @@ from .assigner import MutualGuidanceAssigner, amplified
 from .config import BOX_LOSSES, add_mg_config, validate_mg_config
 from .losses import balanced_l1_b, balanced_l1_loss
 from .meta_arch import MGRetinaNet, build_mg_assigner
-from .selection import MGAssignment
 
 # Generic names for the project hook of the root train_net.py (entry point group musu.projects).
 add_config = add_mg_config
@@ -28,7 +27,6 @@ __all__ = [
     "validate_mg_config",
     "BOX_LOSSES",
     "MGAnchorFreeAssigner",
-    "MGAssignment",
     "MGRetinaNet",
     "MutualGuidanceAssigner",
     "balanced_l1_b",

@@ -3,7 +3,7 @@ assigner: ``MODEL.MUSU.ASSIGNER: "build_mg_anchor_free_assigner"`` on META_ARCH 
 
 Shapes: N images, M objects (padded to M_max), R anchor slots (points repeated A times), C classes.
 
-1. Static reference: the FCOS rule (``musu.modeling.fcos_assigner.FCOSAssigner``: inside the box,
+1. Static reference: the FCOS rule (``musu.modeling.assigners.FCOSAssigner``: inside the box,
    centre sampling, per-level size ranges, smallest area wins); N_p(j) = its positives of j. FCOS
    has no ignore band, so N_i = 0: nothing is ever ignored.
 2. Localize to Classify: among the slots whose point lies strictly inside object j (any level),
@@ -19,17 +19,23 @@ Criteria are computed in float64 and compared as float32.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from musu.modeling.assigner import check_assigner_inputs, dense_inside_pairs, pad_ground_truth
-from musu.modeling.build import ASSIGNER_REGISTRY
-from musu.modeling.fcos_assigner import FCOSAssigner
+from musu.modeling.assigners import (
+    ASSIGNER_REGISTRY,
+    Anchors,
+    Assignment,
+    FCOSAssigner,
+    check_assigner_inputs,
+    matched_box_iou,
+    pad_ground_truth,
+)
 
 from .assigner import amplified
-from .selection import MGAssignment, paired_box_iou, top_ranked_owners
+from .selection import top_ranked_owners
 
 __all__ = ["MGAnchorFreeAssigner", "build_mg_anchor_free_assigner", "centerness"]
 
@@ -77,54 +83,47 @@ class MGAnchorFreeAssigner:
     @torch.no_grad()
     def __call__(
         self,
-        points: Tensor,
+        grid: Anchors,
         scores: Tensor,
         pred_boxes: Tensor,
         gt_boxes: Sequence[Tensor],
         gt_classes: Sequence[Tensor],
-        point_strides: Optional[Tensor] = None,
-    ) -> MGAssignment:
-        """Label the slots of a batch for both heads (MuSu's assigner call signature).
+    ) -> Assignment:
+        """Label the slots of a batch for both heads (musu's assigner protocol).
 
-        Args:
-            points: (R, 2) anchor points (x, y); scores: (N, R, C) probabilities;
-            pred_boxes: (N, R, 4) decoded boxes, XYXY; gt_boxes: N tensors (M_n, 4);
-            gt_classes: N long tensors (M_n,); point_strides: (R,), default inferred from points.
         Returns:
-            :class:`MGAssignment` (N_p in bag_size, num_ignored zeros, ignore all False).
+            Assignment with ``reg_gt_index``, ``ignore`` all False and ``stats``: N_p in
+            ``bag_size``, ``num_ignored`` zeros, (N, M_max) long.
         """
         check_assigner_inputs(
-            points, scores, pred_boxes, gt_boxes, gt_classes, "MGAnchorFreeAssigner", 2
+            grid, scores, pred_boxes, gt_boxes, gt_classes, "MGAnchorFreeAssigner"
         )
-        static = self.fcos(points, scores, pred_boxes, gt_boxes, gt_classes, point_strides)
+        static = self.fcos(grid, scores, pred_boxes, gt_boxes, gt_classes)
         num_images, num_anchors, _ = scores.shape
         device = scores.device
-        num_pos = static.bag_size  # (N, M_max)
+        num_pos = static.stats["bag_size"]  # (N, M_max)
         cls_owner = reg_owner = static.gt_index
         boxes, classes, _ = pad_ground_truth(gt_boxes, gt_classes, torch.float32, device)
         max_objects = boxes.shape[1]
         shape = (num_images, max_objects, num_anchors)
         if self.l2c or self.c2l:
-            points = points.to(device)
-            image, obj, anchor = dense_inside_pairs(points, boxes)  # (P,) candidates
+            image, obj, anchor = grid.inside_pairs(boxes)  # (P,) candidates
             if self.l2c:
-                iou = paired_box_iou(
+                iou = matched_box_iou(
                     pred_boxes[image, anchor].to(torch.float64), boxes[image, obj].to(torch.float64)
                 ).float()
                 cls_owner = top_ranked_owners(image, obj, anchor, iou, num_pos, shape)
             if self.c2l:
-                ctr = centerness(points[anchor], boxes[image, obj])  # (P,) float64
+                ctr = centerness(grid.points(device)[anchor], boxes[image, obj])  # (P,) float64
                 amp = amplified(ctr, scores[image, anchor, classes[image, obj]], self.sigma)
                 reg_owner = top_ranked_owners(image, obj, anchor, amp, num_pos, shape)
-        return MGAssignment(
+        return Assignment(
             gt_index=cls_owner,
             cls_weight=(cls_owner >= 0).float(),
             reg_weight=(reg_owner >= 0).float(),
-            bag_size=num_pos,
-            tau_cls=static.tau_cls,
             ignore=torch.zeros(num_images, num_anchors, dtype=torch.bool, device=device),
             reg_gt_index=reg_owner,
-            num_ignored=torch.zeros_like(num_pos),
+            stats={"bag_size": num_pos, "num_ignored": torch.zeros_like(num_pos)},
         )
 
 

@@ -33,13 +33,17 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from musu.modeling.assigner import check_assigner_inputs, pad_ground_truth
+from musu.modeling.assigners import (
+    Anchors,
+    Assignment,
+    check_assigner_inputs,
+    matched_box_iou,
+    pad_ground_truth,
+)
 
 from .selection import (
-    MGAssignment,
     count_per_object,
     intersecting_pairs,
-    paired_box_iou,
     rank_within_objects,
     resolve_claims,
     select_ranks,
@@ -113,6 +117,25 @@ def _static_labels(
     return owner, ignore, num_pos, num_ignored
 
 
+def _localize_to_classify(
+    pred: Tensor, boxes: Tensor, valid: Tensor, num_pos: Tensor, num_ignored: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """Classification owner (N, R) long and ignore mask (N, R) bool of Localize to Classify
+    (module docstring, step 2) from predicted boxes (N, R, 4) and boxes (N, M_max, 4) float32,
+    validity (N, M_max) and the static counts N_p, N_i (N, M_max)."""
+    num_images, num_anchors = pred.shape[:2]
+    i, o, a = intersecting_pairs(pred, boxes, valid)
+    iou_reg = matched_box_iou(pred[i, a].to(torch.float64), boxes[i, o].to(torch.float64)).float()
+    rank = rank_within_objects(i * boxes.shape[1] + o, a, iou_reg)
+    first, count = num_pos[i, o], num_ignored[i, o]
+    pos = select_ranks(rank, iou_reg, torch.zeros_like(first), first)
+    cls_owner = resolve_claims(i[pos], o[pos], a[pos], iou_reg[pos], num_images, num_anchors)
+    held = select_ranks(rank, iou_reg, first, count)
+    ignore = torch.zeros(num_images, num_anchors, dtype=torch.bool, device=pred.device)
+    ignore[i[held], a[held]] = True
+    return cls_owner, ignore & (cls_owner < 0)
+
+
 class MutualGuidanceAssigner:
     """Static / Localize-to-Classify / Classify-to-Localize / Mutual Guidance anchor labels.
 
@@ -150,37 +173,31 @@ class MutualGuidanceAssigner:
     @torch.no_grad()
     def __call__(
         self,
-        anchors: Tensor,
+        grid: Anchors,
         scores: Tensor,
         pred_boxes: Tensor,
         gt_boxes: Sequence[Tensor],
         gt_classes: Sequence[Tensor],
-    ) -> MGAssignment:
-        """Label the anchors of a batch for both heads.
+    ) -> Assignment:
+        """Label the anchors of a batch for both heads (musu's assigner protocol; the anchor
+        boxes come from ``grid.boxes()``, e.g. ``AnchorList(boxes=anchors)``).
 
-        Args:
-            anchors: (R, 4) anchor boxes, XYXY.
-            scores: (N, R, C) predicted class probabilities (detached).
-            pred_boxes: (N, R, 4) regressed boxes, XYXY (detached).
-            gt_boxes: N tensors (M_n, 4), XYXY; gt_classes: N long tensors (M_n,).
         Returns:
-            :class:`MGAssignment` (classification: gt_index, cls_weight, ignore; regression:
-            reg_gt_index, reg_weight; N_p in bag_size, N_i in num_ignored).
+            Assignment: classification gt_index, cls_weight, ignore; regression reg_gt_index,
+            reg_weight; ``stats``: N_p in ``bag_size``, N_i in ``num_ignored``, (N, M_max) long.
         """
         check_assigner_inputs(
-            anchors, scores, pred_boxes, gt_boxes, gt_classes, "MutualGuidanceAssigner", 4
+            grid, scores, pred_boxes, gt_boxes, gt_classes, "MutualGuidanceAssigner"
         )
         device = scores.device
         num_images, num_anchors, _ = scores.shape
         boxes, classes, valid = pad_ground_truth(gt_boxes, gt_classes, torch.float32, device)
-        max_objects = boxes.shape[1]
-        shape = (num_images, max_objects, num_anchors)
-        boxes64 = boxes.to(torch.float64)
-        anchors = anchors.to(device=device, dtype=torch.float32)
+        shape = (num_images, boxes.shape[1], num_anchors)
+        anchors = grid.boxes(device)  # (R, 4) float32
 
         # 1. Static labels from the (image, object, anchor) pairs with IoU_anchor > 0.
         image, obj, anchor = intersecting_pairs(anchors[None], boxes, valid)  # (P,) each
-        iou64 = paired_box_iou(anchors.to(torch.float64)[anchor], boxes64[image, obj])  # (P,)
+        iou64 = matched_box_iou(anchors.double()[anchor], boxes.double()[image, obj])  # (P,)
         owner, ignore, num_pos, num_ignored = _static_labels(
             image, obj, anchor, iou64.float(), shape, self.pos_iou, self.neg_iou
         )
@@ -188,20 +205,9 @@ class MutualGuidanceAssigner:
 
         # 2. Localize to Classify on the pairs with IoU_regressed > 0.
         if self.l2c:
-            pred = pred_boxes.to(torch.float32)
-            i, o, a = intersecting_pairs(pred, boxes, valid)
-            iou_reg = paired_box_iou(pred[i, a].to(torch.float64), boxes64[i, o]).float()
-            rank = rank_within_objects(i * max_objects + o, a, iou_reg)
-            first, count = num_pos[i, o], num_ignored[i, o]
-            pos = select_ranks(rank, iou_reg, torch.zeros_like(first), first)
-            cls_owner = resolve_claims(
-                i[pos], o[pos], a[pos], iou_reg[pos], num_images, num_anchors
+            cls_owner, ignore = _localize_to_classify(
+                pred_boxes.to(torch.float32), boxes, valid, num_pos, num_ignored
             )
-            held = select_ranks(rank, iou_reg, first, count)
-            i, a = i[held], a[held]
-            ignore = torch.zeros_like(ignore)
-            ignore[i, a] = True
-            ignore &= cls_owner < 0
 
         # 3. Classify to Localize on the pairs with IoU_anchor > 0.
         if self.c2l:
@@ -209,13 +215,11 @@ class MutualGuidanceAssigner:
             amp = amplified(iou64, p, self.sigma)
             reg_owner = top_ranked_owners(image, obj, anchor, amp, num_pos, shape)
 
-        return MGAssignment(
+        return Assignment(
             gt_index=cls_owner,
             cls_weight=(cls_owner >= 0).float(),
             reg_weight=(reg_owner >= 0).float(),
-            bag_size=num_pos,
-            tau_cls=torch.zeros(num_images, max_objects, device=device),
             ignore=ignore,
             reg_gt_index=reg_owner,
-            num_ignored=num_ignored,
+            stats={"bag_size": num_pos, "num_ignored": num_ignored},
         )

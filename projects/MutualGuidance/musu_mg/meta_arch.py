@@ -14,7 +14,7 @@ Shapes: N images, R anchors (all levels, A per location), C classes, P regressio
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 from detectron2.config import configurable
@@ -26,12 +26,11 @@ from detectron2.utils.events import get_event_storage
 from fvcore.nn import giou_loss, sigmoid_focal_loss_jit
 from torch import Tensor
 
-from musu.modeling.assigner import pad_ground_truth
+from musu.modeling.assigners import AnchorList, Assigner, Assignment, pad_ground_truth
 
 from .assigner import MutualGuidanceAssigner
 from .config import BOX_LOSSES, validate_mg_config
 from .losses import balanced_l1_loss
-from .selection import MGAssignment
 
 __all__ = ["MGRetinaNet", "build_mg_assigner"]
 
@@ -53,7 +52,7 @@ class MGRetinaNet(RetinaNet):
     def __init__(
         self,
         *,
-        assigner: Callable[..., MGAssignment],
+        assigner: Assigner,
         box_loss: str = "balanced_l1",
         balanced_l1_alpha: float = 0.5,
         balanced_l1_gamma: float = 1.5,
@@ -63,8 +62,8 @@ class MGRetinaNet(RetinaNet):
     ) -> None:
         """
         Args:
-            assigner: (anchors (R, 4), scores (N, R, C), pred_boxes (N, R, 4), gt_boxes,
-                gt_classes) -> :class:`MGAssignment`.
+            assigner: musu assigner called with ``AnchorList(boxes=anchors)``; its ``stats``
+                hold ``bag_size`` (N_p) and ``num_ignored`` (N_i).
             box_loss: one of ``BOX_LOSSES``.
             balanced_l1_alpha, balanced_l1_gamma, balanced_l1_beta: Balanced L1 parameters.
             box_loss_weight: weight of the box loss.
@@ -124,7 +123,9 @@ class MGRetinaNet(RetinaNet):
             with torch.no_grad():
                 scores = logits.detach().sigmoid()
                 pred_boxes = self.decode(anchors, deltas.detach())
-                assignment = self.assigner(anchors, scores, pred_boxes, gt_boxes, gt_classes)
+                assignment = self.assigner(
+                    AnchorList(boxes=anchors), scores, pred_boxes, gt_boxes, gt_classes
+                )
             return self.mg_losses(anchors, logits, deltas, gt_boxes, gt_classes, assignment)
 
     def mg_losses(
@@ -134,7 +135,7 @@ class MGRetinaNet(RetinaNet):
         deltas: Tensor,
         gt_boxes: List[Tensor],
         gt_classes: List[Tensor],
-        assignment: MGAssignment,
+        assignment: Assignment,
     ) -> Dict[str, Tensor]:
         """Focal loss on non-ignored anchors, box loss on regression positives, each over the EMA
         of the number of static positives.
@@ -150,7 +151,7 @@ class MGRetinaNet(RetinaNet):
         cls_pos = assignment.gt_index >= 0  # (N, R)
         reg_pos = assignment.reg_gt_index >= 0  # (N, R)
         ignore = assignment.ignore if assignment.ignore is not None else torch.zeros_like(cls_pos)
-        num_static = int(assignment.bag_size.sum())
+        num_static = int(assignment.stats["bag_size"].sum())
         normalizer = self._ema_update("loss_normalizer", max(num_static, 1), 100)
 
         targets = torch.zeros_like(logits)  # (N, R, C)
@@ -186,14 +187,14 @@ class MGRetinaNet(RetinaNet):
         }
 
     @staticmethod
-    def _log_assignment(assignment: MGAssignment, num_images: int) -> None:
+    def _log_assignment(assignment: Assignment, num_images: int) -> None:
         try:
             storage = get_event_storage()
         except AssertionError:  # outside a trainer: nothing to log
             return
         cls_pos = assignment.gt_index >= 0
         stats = {
-            "mg/num_static_pos": assignment.bag_size.sum(),
+            "mg/num_static_pos": assignment.stats["bag_size"].sum(),
             "mg/num_cls_pos": cls_pos.sum(),
             "mg/num_reg_pos": (assignment.reg_gt_index >= 0).sum(),
             "mg/num_ignored": assignment.ignore.sum() if assignment.ignore is not None else 0,

@@ -10,19 +10,16 @@ candidate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
 
-from musu.modeling.assigner import Assignment, rank_within_groups
+from musu.modeling.assigners import rank_within_groups
 
 __all__ = [
-    "MGAssignment",
     "count_per_object",
     "intersecting_pairs",
-    "paired_box_iou",
     "rank_within_objects",
     "ranked_claims",
     "resolve_claims",
@@ -31,41 +28,6 @@ __all__ = [
 ]
 
 _LOW_BITS = 32
-
-
-@dataclass
-class MGAssignment(Assignment):
-    """MuSu's :class:`Assignment` plus the Mutual Guidance reference counts.
-
-    ``gt_index`` / ``cls_weight`` (1 or 0) are the classification positives, ``ignore`` the
-    anchors without classification loss, ``reg_gt_index`` / ``reg_weight`` (1 or 0) the regression
-    positives. Unlike MuSu's assigner, ``reg_weight`` may be 1 where ``gt_index`` is -1 (an anchor
-    can be a regression positive and a classification negative, paper Sec. 3.3).
-    ``bag_size`` holds N_p, the static positive count per object, ``tau_cls`` zeros.
-
-    Attributes:
-        num_ignored: optional (N, M_max) long, N_i, the static ignored count per object.
-    """
-
-    num_ignored: Optional[Tensor] = None
-
-
-def paired_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of broadcast XYXY boxes (..., 4) x (..., 4) -> (...), in the inputs' dtype.
-
-    Side lengths are clamped at 0; IoU is 0 where the union is not positive (empty boxes).
-    """
-    low = torch.maximum(boxes1[..., :2], boxes2[..., :2])
-    high = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])
-    inter_wh = (high - low).clamp(min=0)
-    inter = inter_wh[..., 0] * inter_wh[..., 1]
-    size1 = (boxes1[..., 2:] - boxes1[..., :2]).clamp(min=0)
-    size2 = (boxes2[..., 2:] - boxes2[..., :2]).clamp(min=0)
-    area1 = size1[..., 0] * size1[..., 1]
-    area2 = size2[..., 0] * size2[..., 1]
-    union = area1 + area2 - inter
-    positive = union > 0
-    return torch.where(positive, inter / torch.where(positive, union, 1), 0)
 
 
 def intersecting_pairs(boxes: Tensor, objects: Tensor, valid: Tensor) -> Tuple[Tensor, ...]:

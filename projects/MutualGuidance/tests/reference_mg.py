@@ -12,7 +12,7 @@ The paper leaves ties and conflicts open; the rules below are the ones ``musu_mg
 Numerics (the implementation's contract): IoUs, amplified IoUs and centerness are computed in
 float64 (Python floats) and rounded to float32 before any comparison, and the IoU thresholds are
 rounded to float32 too (an IoU of exactly 0.7 passes POS_IOU 0.7); the FCOS rule is evaluated
-in float32 (numpy float32 scalars), as ``musu.modeling.fcos_assigner`` does.
+in float32 (numpy float32 scalars), as ``musu.modeling.assigners.fcos`` does.
 """
 
 from __future__ import annotations

@@ -13,10 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from musu.modeling.assigner import AnchorGrid
-from musu.modeling.build import ASSIGNER_REGISTRY
-from musu.modeling.fcos_assigner import FCOSAssigner
-from musu_mg import MGAnchorFreeAssigner, MGAssignment, build_mg_anchor_free_assigner, centerness
+from musu.modeling.assigners import ASSIGNER_REGISTRY, AnchorGrid, Assignment, FCOSAssigner
+from musu_mg import MGAnchorFreeAssigner, build_mg_anchor_free_assigner, centerness
 
 from mg_lists import implementation_lists
 from reference_mg import as_lists, point_centerness, reference_anchor_free
@@ -40,9 +38,9 @@ def grid_strides(grid: AnchorGrid) -> List[float]:
     ]
 
 
-def run(problem: Problem) -> MGAssignment:
+def run(problem: Problem) -> Assignment:
     return MGAnchorFreeAssigner(**problem.params)(
-        problem.grid.points(),
+        problem.grid,
         torch.tensor(problem.scores, dtype=torch.float32),
         torch.tensor(problem.pred_boxes, dtype=torch.float32),
         [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in problem.gt_boxes],
@@ -100,7 +98,9 @@ def test_centerness_values() -> None:
 def test_fcos_count_and_static_when_both_off() -> None:
     preds = [[0.0, 0.0, 2.0, 2.0]] * 16
     result = run(hand_problem([[0.0]] * 16, preds, l2c=False, c2l=False))
-    assert result.bag_size.tolist() == [[4]] and result.num_ignored.tolist() == [[0]]
+    assert result.stats["bag_size"].tolist() == [[4]] and result.stats["num_ignored"].tolist() == [
+        [0]
+    ]
     expected = [0 if r in (5, 6, 9, 10) else -1 for r in range(16)]
     assert result.gt_index[0].tolist() == expected and result.reg_gt_index[0].tolist() == expected
     assert not result.ignore.any()
@@ -134,7 +134,7 @@ def test_points_outside_the_object_are_never_positive() -> None:
     preds[15] = [0.0, 0.0, 2.0, 2.0]
     problem = Problem(GRID, [[[0.0]] * 16], [preds], [[[0.0, 0.0, 2.0, 2.0]]], [[0]], {})
     result = run(problem)
-    assert result.bag_size.tolist() == [[4]]
+    assert result.stats["bag_size"].tolist() == [[4]]
     assert result.gt_index[0, 15] == -1 and result.reg_gt_index[0, 15] == -1
     assert set((result.gt_index[0] == 0).nonzero().flatten().tolist()) == {0, 1, 4, 5}
 
@@ -226,7 +226,7 @@ def test_matches_reference(problem: Problem) -> None:
 def test_static_is_the_fcos_rule_and_switches_are_independent(problem: Problem) -> None:
     radius = problem.params["center_sampling_radius"]
     fcos = FCOSAssigner(center_sampling_radius=radius)(
-        problem.grid.points(),
+        problem.grid,
         torch.tensor(problem.scores, dtype=torch.float32),
         torch.tensor(problem.pred_boxes, dtype=torch.float32),
         [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in problem.gt_boxes],
@@ -240,7 +240,7 @@ def test_static_is_the_fcos_rule_and_switches_are_independent(problem: Problem) 
     static = results[False, False]
     assert torch.equal(static.gt_index, fcos.gt_index)
     assert torch.equal(static.reg_gt_index, fcos.gt_index)
-    assert torch.equal(static.bag_size, fcos.bag_size)
+    assert torch.equal(static.stats["bag_size"], fcos.stats["bag_size"])
     assert torch.equal(results[True, False].reg_gt_index, fcos.gt_index)
     assert torch.equal(results[False, True].gt_index, fcos.gt_index)
     assert torch.equal(results[True, True].gt_index, results[True, False].gt_index)

@@ -16,7 +16,8 @@ from detectron2.structures import Boxes, pairwise_iou
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from musu_mg import MGAssignment, MutualGuidanceAssigner
+from musu.modeling.assigners import AnchorList, Assignment
+from musu_mg import MutualGuidanceAssigner
 
 from mg_lists import implementation_lists
 from reference_mg import as_lists, reference_mutual_guidance
@@ -32,9 +33,9 @@ class Problem:
     params: Dict[str, Any] = field(default_factory=dict)
 
 
-def run(problem: Problem) -> MGAssignment:
+def run(problem: Problem) -> Assignment:
     return MutualGuidanceAssigner(**problem.params)(
-        torch.tensor(problem.anchors, dtype=torch.float32).reshape(-1, 4),
+        AnchorList(boxes=torch.tensor(problem.anchors, dtype=torch.float32).reshape(-1, 4)),
         torch.tensor(problem.scores, dtype=torch.float32),
         torch.tensor(problem.pred_boxes, dtype=torch.float32),
         [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in problem.gt_boxes],
@@ -81,7 +82,9 @@ def boat(**params) -> Problem:
 
 def test_static_counts_n_p_and_n_i() -> None:
     result = run(boat(l2c=False, c2l=False))
-    assert result.bag_size.tolist() == [[2]] and result.num_ignored.tolist() == [[1]]
+    assert result.stats["bag_size"].tolist() == [[2]] and result.stats["num_ignored"].tolist() == [
+        [1]
+    ]
     assert result.gt_index.tolist() == [[0, 0, -1, -1, -1]]
     assert result.ignore.tolist() == [[False, False, True, False, False]]
     assert result.reg_gt_index.tolist() == [[0, 0, -1, -1, -1]]
@@ -123,7 +126,9 @@ def test_best_anchor_rule_when_no_anchor_reaches_the_threshold() -> None:
     # IoUs 0.45 and 0.3: the best anchor a0 is positive (N_p = 1), so nothing is left ignored.
     problem = single([[0, 0, 10, 4.5], [0, 0, 10, 3]], [[0.5], [0.5]], [BOAT, BOAT], [BOAT], [0])
     result = run(problem)
-    assert result.bag_size.tolist() == [[1]] and result.num_ignored.tolist() == [[0]]
+    assert result.stats["bag_size"].tolist() == [[1]] and result.stats["num_ignored"].tolist() == [
+        [0]
+    ]
     # L2C: both regressed boxes are perfect (IoU 1 tie): the lower anchor index wins.
     assert result.gt_index.tolist() == [[0, -1]]
     assert result.ignore.tolist() == [[False, False]]
@@ -142,7 +147,7 @@ def test_iou_exactly_at_the_thresholds() -> None:
 def test_object_without_overlap_gets_nothing() -> None:
     problem = single([[0, 0, 10, 10]], [[0.9]], [[0, 0, 10, 10]], [[50, 50, 60, 60]], [0])
     result = run(problem)
-    assert result.bag_size.tolist() == [[0]]
+    assert result.stats["bag_size"].tolist() == [[0]]
     assert result.gt_index.tolist() == [[-1]] and result.reg_gt_index.tolist() == [[-1]]
 
 
@@ -154,7 +159,7 @@ def test_conflict_goes_to_higher_criterion_then_lower_index() -> None:
     preds = [[90, 90, 95, 95], [90, 90, 95, 95], [0, 0, 10, 8]]
     problem = single(anchors, [[0.0]] * 3, preds, boxes, [0, 0], c2l=False)
     result = run(problem)
-    assert result.bag_size.tolist() == [[1, 1]]
+    assert result.stats["bag_size"].tolist() == [[1, 1]]
     # a2: IoU_regressed 0.8 with object 0, 1.0 with object 1 -> object 1; object 0 has no other
     # overlapping regressed box, so it has no classification positive this step.
     assert result.gt_index.tolist() == [[-1, -1, 1]]
@@ -172,7 +177,9 @@ def test_positive_claim_beats_ignore_claim() -> None:
     # Regressed: a0 = object 0 (IoU_regressed 1 / 0.5), a1 = object 1 (0.5 / 1), a2 misses both.
     preds = [[0, 0, 10, 10], [0, 5, 10, 10], [50, 50, 60, 60]]
     result = run(single(anchors, [[0.0]] * 3, preds, boxes, [0, 0], c2l=False))
-    assert result.bag_size.tolist() == [[1, 1]] and result.num_ignored.tolist() == [[1, 0]]
+    assert result.stats["bag_size"].tolist() == [[1, 1]] and result.stats[
+        "num_ignored"
+    ].tolist() == [[1, 0]]
     # Object 0: a0 positive, a1 its ignore claim; object 1: a1 positive, which wins.
     assert result.gt_index.tolist() == [[0, 1, -1]]
     assert result.ignore.tolist() == [[False, False, False]]
@@ -188,14 +195,14 @@ def test_no_objects() -> None:
         assert result.gt_index.shape == (num_images, 5)
         assert (result.gt_index == -1).all() and (result.reg_gt_index == -1).all()
         assert not result.ignore.any()
-        assert result.bag_size.shape == (num_images, 0)
+        assert result.stats["bag_size"].shape == (num_images, 0)
 
 
 def test_mixed_empty_and_nonempty_images() -> None:
     problem = Problem(ANCHORS, [SCORES] * 2, [PREDS] * 2, [[], [BOAT]], [[], [0]])
     result = run(problem)
     assert (result.gt_index[0] == -1).all() and not result.ignore[0].any()
-    assert result.bag_size.tolist() == [[0], [2]]
+    assert result.stats["bag_size"].tolist() == [[0], [2]]
     assert result.gt_index[1].tolist() == [-1, -1, -1, 0, 0]
 
 
@@ -205,12 +212,15 @@ def test_invalid_inputs_rejected() -> None:
     scores = torch.tensor([SCORES], dtype=torch.float32)
     preds = torch.tensor([PREDS], dtype=torch.float32)
     gt = [torch.tensor([BOAT])]
-    with pytest.raises(ValueError, match="anchors"):
-        assigner(anchors[:, :2], scores, preds, gt, [torch.tensor([0])])
+    with pytest.raises(ValueError, match=r"boxes must have shape \(R, 4\)"):
+        assigner(AnchorList(boxes=anchors[:, :2]), scores, preds, gt, [torch.tensor([0])])
+    with pytest.raises(ValueError, match="anchor boxes"):
+        assigner(AnchorList(anchors[:, :2]), scores, preds, gt, [torch.tensor([0])])
+    grid = AnchorList(boxes=anchors)
     with pytest.raises(ValueError, match="gt_classes"):
-        assigner(anchors, scores, preds, gt, [torch.tensor([3])])
+        assigner(grid, scores, preds, gt, [torch.tensor([3])])
     with pytest.raises(ValueError, match="pred_boxes"):
-        assigner(anchors, scores, preds[:, :2], gt, [torch.tensor([0])])
+        assigner(grid, scores, preds[:, :2], gt, [torch.tensor([0])])
     for kwargs in ({"sigma": 1.0}, {"pos_iou": 0.3, "neg_iou": 0.4}, {"neg_iou": 0.0}):
         with pytest.raises(ValueError):
             MutualGuidanceAssigner(**kwargs)
@@ -236,7 +246,11 @@ def test_static_labels_match_detectron2_retinanet_without_ties() -> None:
             continue  # Detectron2 would give a best anchor to another object: rule differs
         matched, labels = matcher(iou)
         result = MutualGuidanceAssigner(l2c=False, c2l=False)(
-            anchors, torch.zeros(1, 60, 1), anchors[None], [boxes], [torch.zeros(4).long()]
+            AnchorList(boxes=anchors),
+            torch.zeros(1, 60, 1),
+            anchors[None],
+            [boxes],
+            [torch.zeros(4).long()],
         )
         expected_owner = torch.where(labels == 1, matched, -1)
         assert result.gt_index[0].tolist() == expected_owner.tolist()
@@ -329,15 +343,26 @@ def test_switch_combinations(problem: Problem) -> None:
     assert torch.equal(both.gt_index, l2c.gt_index) and torch.equal(both.ignore, l2c.ignore)
     assert torch.equal(both.reg_gt_index, c2l.reg_gt_index)
     for result in (static, l2c, c2l, both):
-        assert torch.equal(result.bag_size, static.bag_size)
-        assert torch.equal(result.num_ignored, static.num_ignored)
+        assert torch.equal(result.stats["bag_size"], static.stats["bag_size"])
+        assert torch.equal(result.stats["num_ignored"], static.stats["num_ignored"])
         assert torch.equal(result.cls_weight, (result.gt_index >= 0).float())
         assert torch.equal(result.reg_weight, (result.reg_gt_index >= 0).float())
         assert not bool((result.ignore & (result.gt_index >= 0)).any())
         # No object gets more positives than its static count.
         for owner in (result.gt_index, result.reg_gt_index):
             for n in range(owner.shape[0]):
-                m = result.bag_size.shape[1]
+                m = result.stats["bag_size"].shape[1]
                 counts = torch.bincount(owner[n][owner[n] >= 0], minlength=m)[:m]
-                assert bool((counts <= result.bag_size[n]).all())
-        assert int(result.ignore.sum()) <= int(result.num_ignored.sum())
+                assert bool((counts <= result.stats["bag_size"][n]).all())
+        assert int(result.ignore.sum()) <= int(result.stats["num_ignored"].sum())
+
+
+def test_follows_the_assigner_protocol() -> None:
+    """Called like every musu assigner, with the anchor boxes in an ``AnchorList``."""
+    problem = Problem(ANCHORS, [SCORES] * 2, [PREDS] * 2, [[BOAT], []], [[0], []])
+    result = run(problem)
+    assert isinstance(result, Assignment)
+    assert result.gt_index.shape == result.reg_gt_index.shape == result.ignore.shape == (2, 5)
+    assert result.cls_weight.shape == result.reg_weight.shape == (2, 5)
+    assert set(result.stats) == {"bag_size", "num_ignored"}
+    assert all(value.shape == (2, 1) for value in result.stats.values())

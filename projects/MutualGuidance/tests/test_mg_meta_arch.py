@@ -19,10 +19,9 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import musu
-from musu.modeling import MuSu
+from musu.modeling import Assignment, MuSu
 from musu_mg import (
     MGAnchorFreeAssigner,
-    MGAssignment,
     MGRetinaNet,
     MutualGuidanceAssigner,
     add_mg_config,
@@ -192,15 +191,13 @@ def test_losses_match_hand_computation() -> None:
     deltas = torch.tensor([[[0.0] * 4, [0.1] * 4, [0.05, -0.02, 0.3, -0.4], [0.0] * 4]])
     gt_boxes = [torch.tensor([[1.0, 2.0, 19.0, 21.0], [0.0, 0.0, 9.0, 11.0]])]
     gt_classes = [torch.tensor([0, 1])]
-    assignment = MGAssignment(
+    assignment = Assignment(
         gt_index=torch.tensor([[1, -1, -1, -1]]),
         cls_weight=torch.tensor([[1.0, 0, 0, 0]]),
         reg_weight=torch.tensor([[0.0, 0, 1, 0]]),
-        bag_size=torch.tensor([[2, 1]]),
-        tau_cls=torch.zeros(1, 2),
         ignore=torch.tensor([[False, True, False, False]]),
         reg_gt_index=torch.tensor([[-1, -1, 0, -1]]),
-        num_ignored=torch.tensor([[1, 0]]),
+        stats={"bag_size": torch.tensor([[2, 1]]), "num_ignored": torch.tensor([[1, 0]])},
     )
     losses = model.mg_losses(anchors, logits, deltas, gt_boxes, gt_classes, assignment)
     normalizer = 0.9 * 100 + 0.1 * 3  # Detectron2's EMA, first update, 3 static positives
@@ -223,9 +220,9 @@ def test_assigner_sees_decoded_boxes_and_class_probabilities() -> None:
     model = build(project_cfg(SYNTHETIC_MG))
     seen = {}
 
-    def spy(anchors, scores, pred_boxes, gt_boxes, gt_classes):
-        seen.update(anchors=anchors, scores=scores, pred_boxes=pred_boxes)
-        return MutualGuidanceAssigner()(anchors, scores, pred_boxes, gt_boxes, gt_classes)
+    def spy(grid, scores, pred_boxes, gt_boxes, gt_classes):
+        seen.update(anchors=grid.boxes(), scores=scores, pred_boxes=pred_boxes)
+        return MutualGuidanceAssigner()(grid, scores, pred_boxes, gt_boxes, gt_classes)
 
     model.assigner = spy
     # Zero conv weights: the logits are the prior bias, every anchor predicts dx = 0.1 (and

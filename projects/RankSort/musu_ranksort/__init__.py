@@ -1,15 +1,14 @@
 """Rank & Sort loss (Oksuz et al., ICCV 2021) as a base loss of MuSu-style dense detectors.
 
-``import musu_ranksort`` registers the ``MuSuRankSort`` META_ARCH and (through
-``musu.modeling.fcos_assigner``) the ``build_fcos_assigner`` assigner;
+``import musu_ranksort`` registers the ``MuSuRankSort`` META_ARCH (any registered assigner,
+e.g. ``build_fcos_assigner``, supplies its positives);
 ``add_ranksort_config(cfg)`` adds ``cfg.MODEL.RANKSORT``.
 """
 
 import musu  # noqa: F401  (registers MuSu, its backbone and datasets)
-import musu.modeling.fcos_assigner  # noqa: F401  (registers build_fcos_assigner)
 
 from .config import add_ranksort_config, validate_ranksort_config
-from .meta_arch import MuSuRankSort, merged_logits
+from .meta_arch import MuSuRankSort
 from .rank_sort import RankSortLoss, rank_sort_loss, smoothed_step
 
 # Generic names for a project hook in the root train_net.py (import module, add_config(cfg)).
@@ -23,7 +22,6 @@ __all__ = [
     "validate_config",
     "validate_ranksort_config",
     "MuSuRankSort",
-    "merged_logits",
     "RankSortLoss",
     "rank_sort_loss",
     "smoothed_step",

@@ -18,33 +18,14 @@ from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
 from fvcore.nn import giou_loss
 from torch import Tensor
 
-from musu.modeling.assigner import Assignment, pad_ground_truth
+from musu.modeling.assigners import Assignment, matched_box_iou, pad_ground_truth
+from musu.modeling.losses import merged_logits
 from musu.modeling.meta_arch import MuSu
 
 from .config import CLS_LABELS, validate_ranksort_config
 from .rank_sort import rank_sort_loss
 
-__all__ = ["MuSuRankSort", "merged_logits", "paired_iou"]
-
-
-def merged_logits(cls_logits: Tensor, obj_logits: Tensor) -> Tensor:
-    """logit(p) for p = sigmoid(cls) * sigmoid(obj), (N, R, C) from (N, R, C) and (N, R).
-
-    1 - p = p (e^-a + e^-b + e^-(a+b)), hence logit(p) = -logsumexp(-a, -b, -a-b): exact and
-    finite for any finite logits.
-    """
-    a, b = torch.broadcast_tensors(cls_logits, obj_logits[..., None])
-    return -torch.logsumexp(torch.stack([-a, -b, -(a + b)]), dim=0)
-
-
-def paired_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of matching rows of two (P, 4) XYXY tensors."""
-    low = torch.maximum(boxes1[:, :2], boxes2[:, :2])
-    high = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
-    inter = (high - low).clamp(min=0).prod(dim=1)
-    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(dim=1)
-    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(dim=1)
-    return inter / (area1 + area2 - inter).clamp(min=torch.finfo(boxes1.dtype).tiny)
+__all__ = ["MuSuRankSort"]
 
 
 @META_ARCH_REGISTRY.register()
@@ -96,9 +77,28 @@ class MuSuRankSort(MuSu):
             gt_boxes, gt_classes, pred_boxes.dtype, pred_boxes.device
         )  # (N, M_max, 4), (N, M_max)
         logits = merged_logits(cls_logits, obj_logits)  # (N, R, C)
-        num_classes = logits.shape[-1]
+        targets = pred_boxes, padded_boxes, padded_classes
+        loss_cls = self._rank_sort_loss(logits, *targets, assignment)
+        loss_box = self._box_loss(logits, *targets, assignment)
+        if self.self_balance:
+            ratio = loss_cls.detach() / loss_box.detach().clamp(min=1e-12)
+            loss_box = loss_box * ratio
+        else:
+            loss_box = loss_box * self.reg_loss_weight
+        return {"loss_rs_cls": loss_cls, "loss_rs_box": loss_box}
 
-        # Classification: positives are (anchor, assigned class) with a positive cls weight.
+    def _rank_sort_loss(
+        self,
+        logits: Tensor,
+        pred_boxes: Tensor,
+        padded_boxes: Tensor,
+        padded_classes: Tensor,
+        assignment: Assignment,
+    ) -> Tensor:
+        """RS loss over every non-ignored (anchor, class) logit (N, R, C); positives are
+        (anchor, assigned class) with a positive cls weight, labelled by the detached IoU of the
+        predicted box (times the cls weight for ``cls_label`` "iou_x_weight")."""
+        num_classes = logits.shape[-1]
         positive_anchor = (assignment.gt_index >= 0) & (assignment.cls_weight > 0)  # (N, R)
         keep_anchor = torch.ones_like(positive_anchor)
         if assignment.ignore is not None:
@@ -108,7 +108,7 @@ class MuSuRankSort(MuSu):
         object_index = assignment.gt_index[image_index, anchor_index]
         pos_class = padded_classes[image_index, object_index]  # (Q,)
         with torch.no_grad():
-            iou = paired_iou(
+            iou = matched_box_iou(
                 pred_boxes[image_index, anchor_index].detach(),
                 padded_boxes[image_index, object_index],
             )
@@ -120,11 +120,18 @@ class MuSuRankSort(MuSu):
         positive = torch.zeros(logits.numel(), dtype=torch.bool, device=logits.device)
         positive[flat_index] = True
         keep = keep_anchor[..., None].expand_as(logits).reshape(-1)  # (N * R * C,)
-        loss_cls = rank_sort_loss(
-            logits.reshape(-1)[keep], labels[keep], positive[keep], self.rs_delta
-        )
+        return rank_sort_loss(logits.reshape(-1)[keep], labels[keep], positive[keep], self.rs_delta)
 
-        # Regression: GIoU on reg samples, weighted by reg weight x detached score (Eq. S18).
+    def _box_loss(
+        self,
+        logits: Tensor,
+        pred_boxes: Tensor,
+        padded_boxes: Tensor,
+        padded_classes: Tensor,
+        assignment: Assignment,
+    ) -> Tensor:
+        """GIoU on the regression samples, weighted by reg weight x detached score (Eq. S18) and
+        normalized by the summed weights; 0 without samples."""
         reg_mask = assignment.reg_weight > 0  # (N, R)
         reg_gt_index = (
             assignment.gt_index if assignment.reg_gt_index is None else assignment.reg_gt_index
@@ -136,18 +143,9 @@ class MuSuRankSort(MuSu):
             reg_class = padded_classes[reg_image, reg_object]
             score = logits[reg_image, reg_anchor, reg_class].detach().sigmoid()
             weights = weights * score
-        if len(reg_image) > 0:
-            per_box = giou_loss(
-                pred_boxes[reg_image, reg_anchor],
-                padded_boxes[reg_image, reg_object],
-                reduction="none",
-            )  # (P,)
-            loss_box = (weights * per_box).sum() / weights.sum().clamp(min=1e-12)
-        else:
-            loss_box = pred_boxes.sum() * 0.0
-        if self.self_balance:
-            ratio = loss_cls.detach() / loss_box.detach().clamp(min=1e-12)
-            loss_box = loss_box * ratio
-        else:
-            loss_box = loss_box * self.reg_loss_weight
-        return {"loss_rs_cls": loss_cls, "loss_rs_box": loss_box}
+        if len(reg_image) == 0:
+            return pred_boxes.sum() * 0.0
+        per_box = giou_loss(
+            pred_boxes[reg_image, reg_anchor], padded_boxes[reg_image, reg_object], reduction="none"
+        )  # (P,)
+        return (weights * per_box).sum() / weights.sum().clamp(min=1e-12)

@@ -15,17 +15,15 @@ import pytest
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from fvcore.nn import giou_loss
 from test_ranksort_loss import reference_rank_sort
 
 import musu
 import musu_ranksort
-from musu.modeling import Assignment, MuSu, MuSuAssigner
-from musu.modeling.fcos_assigner import FCOSAssigner
-from musu_ranksort import MuSuRankSort, add_ranksort_config, merged_logits
-from musu_ranksort.meta_arch import paired_iou
+from musu.modeling import Assignment, FCOSAssigner, MuSu, MuSuAssigner, merged_logits
+from musu_ranksort import MuSuRankSort, add_ranksort_config
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((PROJECT / "configs").rglob("*.yaml"))
@@ -56,16 +54,6 @@ def test_merged_logits_is_the_logit_of_the_product() -> None:
     assert value[0, 0, 1].item() == pytest.approx(-50.0, abs=1e-4)  # p ~ sigmoid(-50)
 
 
-def test_paired_iou_matches_detectron2() -> None:
-    gen = torch.Generator().manual_seed(0)
-    corner = torch.rand(20, 2, generator=gen) * 50
-    boxes1 = torch.cat([corner, corner + 1 + torch.rand(20, 2, generator=gen) * 40], 1)
-    corner = torch.rand(20, 2, generator=gen) * 50
-    boxes2 = torch.cat([corner, corner + 1 + torch.rand(20, 2, generator=gen) * 40], 1)
-    expected = pairwise_iou(Boxes(boxes1), Boxes(boxes2)).diagonal()
-    torch.testing.assert_close(paired_iou(boxes1, boxes2), expected)
-
-
 def hand_assignment() -> Assignment:
     """N = 2, R = 4: image 0 anchors 0, 2 -> object 0 (weights 1, 0.5), anchor 3 ignored;
     image 1 anchor 1 -> object 1 (regression weight 0.25)."""
@@ -73,14 +61,7 @@ def hand_assignment() -> Assignment:
     cls_weight = torch.tensor([[1.0, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0]])
     reg_weight = torch.tensor([[1.0, 0.0, 0.5, 0.0], [0.0, 0.25, 0.0, 0.0]])
     ignore = torch.tensor([[False, False, False, True], [False] * 4])
-    return Assignment(
-        gt_index,
-        cls_weight,
-        reg_weight,
-        torch.zeros(2, 2, dtype=torch.long),
-        torch.zeros(2, 2),
-        ignore=ignore,
-    )
+    return Assignment(gt_index, cls_weight, reg_weight, ignore=ignore)
 
 
 @pytest.mark.parametrize("self_balance", [True, False])

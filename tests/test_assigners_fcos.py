@@ -19,9 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from musu.modeling.build import ASSIGNER_REGISTRY
-from musu.modeling.fcos_assigner import FCOSAssigner, build_fcos_assigner, strides_from_points
-from musu.modeling.meta_arch import anchor_points
+from musu.modeling.assigners import (
+    ASSIGNER_REGISTRY,
+    AnchorGrid,
+    AnchorList,
+    FCOSAssigner,
+    build_fcos_assigner,
+)
 
 STRIDES = [8, 16, 32, 64, 128]
 NUM_CLASSES = 4
@@ -32,11 +36,12 @@ def feature_sizes(height: int, width: int) -> List[Tuple[int, int]]:
 
 
 def assign(boxes_per_image: List[Tensor], height: int, width: int, radius: float = 1.5):
-    points, strides = anchor_points(feature_sizes(height, width), STRIDES, 1, "cpu")
+    grid = AnchorGrid(tuple(feature_sizes(height, width)), tuple(STRIDES), 1)
+    points, strides = grid.points(), grid.point_strides()
     num_images, num_points = len(boxes_per_image), len(points)
     classes = [torch.arange(len(b)) % NUM_CLASSES for b in boxes_per_image]
     result = FCOSAssigner(center_sampling_radius=radius)(
-        points,
+        grid,
         torch.zeros(num_images, num_points, NUM_CLASSES),
         torch.zeros(num_images, num_points, 4),
         boxes_per_image,
@@ -127,8 +132,8 @@ def test_matches_detectron2_fcos(seed: int, size: Tuple[int, int], radius: float
         assert torch.equal(result.cls_weight[n], positive.float())
         assert torch.equal(result.reg_weight[n], positive.float())
         expected_bag = torch.bincount(result.gt_index[n][positive], minlength=max(len(b), 1))
-        assert torch.equal(result.bag_size[n, : len(b)], expected_bag[: len(b)])
-    assert bool((result.tau_cls == 0).all())  # no temperature
+        assert torch.equal(result.stats["bag_size"][n, : len(b)], expected_bag[: len(b)])
+    assert set(result.stats) == {"bag_size"}  # no temperature
 
 
 def test_hand_written_boxes() -> None:
@@ -141,7 +146,7 @@ def test_hand_written_boxes() -> None:
     pos = result.gt_index[0] >= 0
     assert sorted(points[pos].tolist()) == [[112, 112], [112, 144], [144, 112], [144, 144]]
     assert strides[pos].tolist() == [32.0] * 4
-    assert int(result.bag_size[0, 0]) == 4
+    assert int(result.stats["bag_size"][0, 0]) == 4
 
 
 def test_ambiguous_point_goes_to_smallest_box_and_ties_to_lowest_index() -> None:
@@ -151,7 +156,7 @@ def test_ambiguous_point_goes_to_smallest_box_and_ties_to_lowest_index() -> None
     result, points, _ = assign([torch.tensor([large, small, same_as_small])], 256, 256)
     index = ((points[:, 0] == 116) & (points[:, 1] == 116)).nonzero().item()
     assert result.gt_index[0, index] == 1
-    assert int(result.bag_size[0, 2]) == 0  # the duplicate never wins
+    assert int(result.stats["bag_size"][0, 2]) == 0  # the duplicate never wins
 
 
 def test_without_center_sampling_every_inside_point_of_the_right_level_matches() -> None:
@@ -159,7 +164,7 @@ def test_without_center_sampling_every_inside_point_of_the_right_level_matches()
     result, points, strides = assign([box], 128, 128, radius=0.0)
     inside = (points[:, 0] > 8) & (points[:, 0] < 56) & (points[:, 1] > 8) & (points[:, 1] < 40)
     assert torch.equal(result.gt_index[0] >= 0, inside & (strides == 8))
-    assert int(result.bag_size[0, 0]) == 6 * 4
+    assert int(result.stats["bag_size"][0, 0]) == 6 * 4
 
 
 def test_empty_ground_truth_and_padding() -> None:
@@ -167,25 +172,28 @@ def test_empty_ground_truth_and_padding() -> None:
     result, points, _ = assign([empty, torch.tensor([[0.0, 0.0, 64.0, 64.0]]), empty], 128, 128)
     assert bool((result.gt_index[[0, 2]] == -1).all())
     assert bool((result.cls_weight[[0, 2]] == 0).all())
-    assert result.bag_size.shape == (3, 1) and int(result.bag_size[1, 0]) > 0
+    assert result.stats["bag_size"].shape == (3, 1) and int(result.stats["bag_size"][1, 0]) > 0
     result, _, _ = assign([empty, empty], 64, 64)
-    assert result.bag_size.shape == (2, 0) and bool((result.gt_index == -1).all())
+    assert result.stats["bag_size"].shape == (2, 0) and bool((result.gt_index == -1).all())
 
 
-def test_strides_inferred_from_points() -> None:
-    points, strides = anchor_points([(5, 7), (3, 4), (2, 2)], [8, 16, 32], 2, "cpu")
-    assert torch.equal(strides_from_points(points), strides)
-    with pytest.raises(ValueError, match="point_strides"):
-        strides_from_points(torch.tensor([[0.0, 8.0]]))  # Detectron2's offset-0 layout
+def test_explicit_points_and_strides() -> None:
     explicit = FCOSAssigner()(
-        torch.tensor([[32.0, 32.0]]),
+        AnchorList(torch.tensor([[32.0, 32.0]]), strides=torch.tensor([8.0])),
         torch.zeros(1, 1, 1),
         torch.zeros(1, 1, 4),
         [torch.tensor([[0.0, 0.0, 64.0, 64.0]])],
         [torch.tensor([0])],
-        point_strides=torch.tensor([8.0]),
     )
     assert explicit.gt_index.tolist() == [[0]]
+    with pytest.raises(ValueError, match="strides"):
+        FCOSAssigner()(
+            AnchorList(torch.tensor([[32.0, 32.0]])),
+            torch.zeros(1, 1, 1),
+            torch.zeros(1, 1, 4),
+            [torch.tensor([[0.0, 0.0, 64.0, 64.0]])],
+            [torch.tensor([0])],
+        )
 
 
 def test_registered_and_validated() -> None:

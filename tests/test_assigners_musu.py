@@ -19,6 +19,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from musu.modeling.assigners import AnchorList
+
 from reference_musu import CRITERIA, point_in_box, reference_assign
 
 DEFAULTS: Dict[str, Any] = dict(
@@ -61,7 +63,7 @@ class Result:
 
 def make_assigner(**overrides: Any):
     """MuSuAssigner with all hyper-parameters given explicitly (defaults of the contract)."""
-    from musu.modeling.assigner import MuSuAssigner
+    from musu.modeling.assigners import MuSuAssigner
 
     return MuSuAssigner(**{**DEFAULTS, **overrides})
 
@@ -76,19 +78,21 @@ def assign(kind: str, problem: Problem) -> Result:
         problem.gt_classes,
     )
     if kind == "implementation":
-        out = make_assigner(**problem.params)(*args)
+        out = make_assigner(**problem.params)(AnchorList(problem.points), *args[1:])
+        bag_size, tau_cls = out.stats["bag_size"], out.stats["tau_cls"]
         assert out.gt_index.dtype == torch.long
-        assert out.bag_size.dtype == torch.long
+        assert bag_size.dtype == torch.long
         assert out.cls_weight.is_floating_point() and out.reg_weight.is_floating_point()
-        assert out.tau_cls.is_floating_point()
+        assert tau_cls.is_floating_point()
     else:
         out = reference_assign(*args, **{**DEFAULTS, **problem.params})
+        bag_size, tau_cls = out.bag_size, out.tau_cls
     return Result(
         gt_index=out.gt_index,
         cls_weight=out.cls_weight.double(),
         reg_weight=out.reg_weight.double(),
-        bag_size=out.bag_size,
-        tau_cls=out.tau_cls.double(),
+        bag_size=bag_size,
+        tau_cls=tau_cls.double(),
     )
 
 
@@ -815,7 +819,7 @@ def _valid_inputs() -> Dict[str, Any]:
 def test_mismatched_shapes(field: str, bad: Any) -> None:
     inputs = _valid_inputs()
     order = ("points", "scores", "pred_boxes", "gt_boxes", "gt_classes")
-    make_assigner()(*(inputs[k] for k in order))  # the valid inputs are accepted
+    make_assigner()(AnchorList(inputs["points"]), *(inputs[k] for k in order[1:]))  # accepted
     inputs[field] = bad
     with pytest.raises(ValueError):
-        make_assigner()(*(inputs[k] for k in order))
+        make_assigner()(AnchorList(inputs["points"]), *(inputs[k] for k in order[1:]))

@@ -1,4 +1,5 @@
-"""The grid path of MuSuAssigner (inside pairs listed per box) equals the dense test exactly."""
+"""``AnchorGrid`` (points, strides, inside pairs listed per box, caches) and ``AnchorList``;
+MuSuAssigner gives the same assignment on both."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from musu.modeling.assigner import AnchorGrid, MuSuAssigner, _grid_inside_pairs
+from musu.modeling.assigners import AnchorGrid, AnchorList, MuSuAssigner, dense_inside_pairs
 from musu.modeling.meta_arch import anchor_points
 
-FIELDS = ("gt_index", "cls_weight", "reg_weight", "bag_size", "tau_cls")
+FIELDS = ("gt_index", "cls_weight", "reg_weight")
+STATS = ("bag_size", "tau_cls")
 
 
 @st.composite
@@ -66,8 +68,10 @@ def test_grid_inside_pairs_equal_the_dense_test(batch) -> None:
     boxes = torch.zeros(len(box_list), max_objects, 4)
     for n, b in enumerate(box_list):
         boxes[n, : len(b)] = b
-    pairs = torch.stack(_grid_inside_pairs(grid, boxes), dim=1)  # (P, 3)
+    pairs = torch.stack(grid.inside_pairs(boxes), dim=1)  # (P, 3)
     assert torch.equal(pairs, _dense_pairs(grid.points(), boxes))
+    assert torch.equal(pairs, torch.stack(dense_inside_pairs(grid.points(), boxes), dim=1))
+    assert torch.equal(pairs, torch.stack(AnchorList(grid.points()).inside_pairs(boxes), dim=1))
 
 
 @settings(max_examples=60, deadline=None)
@@ -82,25 +86,12 @@ def test_assignment_with_grid_equals_dense(batch, seed: int) -> None:
     pred = torch.cat([points - spread[..., :2], points + spread[..., 2:]], dim=-1)
     classes = [torch.randint(0, num_classes, (len(b),), generator=generator) for b in boxes]
     assigner = MuSuAssigner()
-    dense = assigner(points, scores, pred, boxes, classes)
-    listed = assigner(points, scores, pred, boxes, classes, grid=grid)
+    dense = assigner(AnchorList(points), scores, pred, boxes, classes)
+    listed = assigner(grid, scores, pred, boxes, classes)
     for field in FIELDS:
         assert torch.equal(getattr(dense, field), getattr(listed, field)), field
-
-
-def test_grid_that_does_not_match_points_is_refused() -> None:
-    grid = AnchorGrid(((4, 4),), (8,), 1)
-    points = grid.points() + 1.0
-    boxes = [torch.tensor([[0.0, 0.0, 20.0, 20.0]])]
-    with pytest.raises(ValueError, match="grid does not describe points"):
-        MuSuAssigner()(
-            points,
-            torch.rand(1, 16, 2),
-            torch.rand(1, 16, 4),
-            boxes,
-            [torch.tensor([0])],
-            grid=grid,
-        )
+    for name in STATS:
+        assert torch.equal(dense.stats[name], listed.stats[name]), name
 
 
 def test_grid_tensors_are_cached_and_usable_for_training_after_inference_mode():
@@ -113,3 +104,38 @@ def test_grid_tensors_are_cached_and_usable_for_training_after_inference_mode():
     offsets = torch.zeros(len(first), 2, requires_grad=True)
     (first * offsets).sum().backward()  # a cached grid still serves autograd
     assert torch.equal(offsets.grad, first)
+
+
+def test_grid_num_slots_and_boxes() -> None:
+    grid = AnchorGrid(((3, 4), (2, 2)), (8.0, 16.0), 2)
+    assert grid.num_slots == len(grid.points()) == 32
+    with pytest.raises(ValueError, match="AnchorList"):
+        grid.boxes()
+
+
+def test_anchor_list_points_strides_boxes() -> None:
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [8.0, 0.0, 24.0, 16.0]])
+    anchors = AnchorList(boxes=boxes, strides=torch.tensor([8.0, 16.0]))
+    assert anchors.num_slots == 2
+    assert torch.equal(anchors.points(), torch.tensor([[4.0, 4.0], [16.0, 8.0]]))
+    assert torch.equal(anchors.boxes(), boxes)
+    assert torch.equal(anchors.point_strides(), torch.tensor([8.0, 16.0]))
+    points_only = AnchorList(torch.tensor([[4.0, 4.0]]))
+    with pytest.raises(ValueError, match="strides"):
+        points_only.point_strides()
+    with pytest.raises(ValueError, match="boxes"):
+        points_only.boxes()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(), "points"),
+        (dict(points=torch.zeros(3, 3)), r"points must have shape \(R, 2\)"),
+        (dict(boxes=torch.zeros(3, 2)), r"boxes must have shape \(R, 4\)"),
+        (dict(points=torch.zeros(3, 2), strides=torch.ones(2)), "strides must have R=3"),
+    ],
+)
+def test_anchor_list_rejects_bad_shapes(kwargs, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AnchorList(**kwargs)
