@@ -76,7 +76,7 @@ def add_musu_config(cfg: CN) -> None:
     _C.MODEL.MUSU.FCOS_CENTER_SAMPLING_RADIUS = 1.5
 
     # --- Assigner (Procedure 1) ---
-    # Assigner builder registered in musu.modeling.build.ASSIGNER_REGISTRY (cfg -> assigner).
+    # Assigner builder registered in musu.modeling.assigners.ASSIGNER_REGISTRY (cfg -> assigner).
     _C.MODEL.MUSU.ASSIGNER = "build_musu_assigner"
     # Assigner used instead of ASSIGNER during the first WARMUP_ASSIGNER_ITERS iterations (a
     # geometric warm start, not in the paper; its only early prior is the 2s x 2s initial box).

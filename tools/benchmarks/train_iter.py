@@ -38,7 +38,7 @@ import argparse
 import contextlib
 import copy
 import statistics
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from common import (  # tools/benchmarks/common.py: the script's folder is on sys.path
@@ -132,6 +132,7 @@ def num_parameters(model: nn.Module) -> int:
 
 
 PRECISIONS = ("fp32", "fp32+cl", "bf16", "bf16+cl")
+VariantKey = Tuple[str, str]  # (model name, precision)
 
 
 def with_precision(model: nn.Module, precision: str) -> nn.Module:
@@ -179,7 +180,8 @@ def inference_step(
     return step
 
 
-def main() -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line of this benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/Synthetic/musu_R_18_FPN_synthetic.yaml")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -212,6 +214,81 @@ def main() -> None:
         help="precision / memory-format variants, each a row per model",
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    return parser
+
+
+def time_variants(
+    args: argparse.Namespace, cfg: CfgNode, models: Dict[str, nn.Module], device: torch.device
+) -> Tuple[Dict[VariantKey, List[float]], Dict[VariantKey, List[float]]]:
+    """Seconds per training iteration and per inference batch of every (model, precision),
+    measured interleaved."""
+    variants = {
+        (name, precision): with_precision(model, precision)
+        for precision in args.precisions
+        for name, model in models.items()
+    }
+    generator = torch.Generator().manual_seed(args.seed)
+    num_classes = cfg.MODEL.MUSU.NUM_CLASSES
+    batches = [
+        random_batch(args.batch, args.size, args.max_objects, num_classes, generator)
+        for _ in range(2)
+    ]
+    if args.dataset is None:
+        test_images = [{"image": x["image"]} for x in batches[0]]
+    else:
+        test_images = dataset_images(args.dataset, args.batch, args.size)
+    train = interleaved_timings(
+        {key: train_step(model, batches, key[1], device) for key, model in variants.items()},
+        args.iters,
+        args.warmup,
+        device,
+    )
+    infer = interleaved_timings(
+        {
+            key: inference_step(model, test_images, key[1], device)
+            for key, model in variants.items()
+        },
+        args.iters,
+        args.warmup,
+        device,
+    )
+    return train, infer
+
+
+def table_rows(
+    args: argparse.Namespace,
+    params: Dict[str, int],
+    train: Dict[VariantKey, List[float]],
+    infer: Dict[VariantKey, List[float]],
+) -> List[List[str]]:
+    """One row per (model, precision): medians and paired ratios to FCOS and to fp32."""
+
+    def fp32_ratio(timings, name: str, precision: str) -> str:
+        if "fp32" not in args.precisions:
+            return "-"
+        return f"{paired_ratio(timings[(name, precision)], timings[(name, 'fp32')]):.2f}"
+
+    rows = []
+    for name, precision in train:
+        key, fcos = (name, precision), ("FCOS", precision)
+        rows.append(
+            [
+                name,
+                precision,
+                f"{params[name]:,}",
+                f"{statistics.median(train[key]):.3f}",
+                f"{paired_ratio(train[key], train[fcos]):.2f}",
+                fp32_ratio(train, name, precision),
+                f"{statistics.median(infer[key]) / args.batch:.4f}",
+                f"{paired_ratio(infer[key], infer[fcos]):.2f}",
+                fp32_ratio(infer, name, precision),
+            ]
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argument_parser()
     args = parser.parse_args()
     if args.weights is not None and args.num_anchors != [1]:
         parser.error("--weights loads A = 1 checkpoints: pass --num-anchors 1")
@@ -230,60 +307,9 @@ def main() -> None:
         load_weights(models["FCOS"], args.weights[0])
         load_weights(models["MuSu A=1"], args.weights[1])
     params = {name: num_parameters(model) for name, model in models.items()}
-    variants = {
-        (name, precision): with_precision(model, precision)
-        for precision in args.precisions
-        for name, model in models.items()
-    }
-
-    generator = torch.Generator().manual_seed(args.seed)
+    train, infer = time_variants(args, cfg, models, device)
     num_classes = cfg.MODEL.MUSU.NUM_CLASSES
-    batches = [
-        random_batch(args.batch, args.size, args.max_objects, num_classes, generator)
-        for _ in range(2)
-    ]
-    if args.dataset is None:
-        test_images = [{"image": x["image"]} for x in batches[0]]
-    else:
-        test_images = dataset_images(args.dataset, args.batch, args.size)
-
-    train = interleaved_timings(
-        {key: train_step(model, batches, key[1], device) for key, model in variants.items()},
-        args.iters,
-        args.warmup,
-        device,
-    )
-    infer = interleaved_timings(
-        {
-            key: inference_step(model, test_images, key[1], device)
-            for key, model in variants.items()
-        },
-        args.iters,
-        args.warmup,
-        device,
-    )
-
-    def fp32_ratio(timings, name: str, precision: str) -> str:
-        if "fp32" not in args.precisions:
-            return "-"
-        return f"{paired_ratio(timings[(name, precision)], timings[(name, 'fp32')]):.2f}"
-
-    rows = []
-    for name, precision in variants:
-        key, fcos = (name, precision), ("FCOS", precision)
-        rows.append(
-            [
-                name,
-                precision,
-                f"{params[name]:,}",
-                f"{statistics.median(train[key]):.3f}",
-                f"{paired_ratio(train[key], train[fcos]):.2f}",
-                fp32_ratio(train, name, precision),
-                f"{statistics.median(infer[key]) / args.batch:.4f}",
-                f"{paired_ratio(infer[key], infer[fcos]):.2f}",
-                fp32_ratio(infer, name, precision),
-            ]
-        )
+    rows = table_rows(args, params, train, infer)
     print(
         f"\n### Training iteration and inference: MuSu vs Detectron2 FCOS ({args.config}, "
         f"batch {args.batch}, {args.size}x{args.size}, {num_classes} classes)\n"
