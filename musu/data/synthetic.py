@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -185,6 +185,125 @@ def _shape_polygon(rng: np.random.Generator, cls: int, length: float) -> np.ndar
     return pts * np.array([rng.uniform(0.75, 1.25), 1.0])
 
 
+class _Placement(NamedTuple):
+    """Where a shape goes: its offset and image window, its masks there, and what stays visible."""
+
+    offset: np.ndarray  # (2,) x, y added to the polygon
+    window: tuple[slice, slice]  # rows, columns of the image that the masks cover
+    fill: np.ndarray  # uint8 mask of the interior, window-sized
+    edge: np.ndarray  # uint8 mask of the outline (all zero without one)
+    cover: np.ndarray  # bool, fill | edge
+    left: np.ndarray  # (K,) visible pixels of each earlier shape once this one is on top
+
+
+@dataclass
+class _Layers:
+    """The shapes placed so far: which is on top of each pixel, and per shape its class, window,
+    pixel count when drawn and pixel count still on top."""
+
+    owner: np.ndarray  # (S, S) int16 index of the shape on top of a pixel, -1 for background
+    classes: list[int] = field(default_factory=list)
+    windows: list[tuple[slice, slice]] = field(default_factory=list)
+    drawn_area: list[int] = field(default_factory=list)
+    visible: list[int] = field(default_factory=list)
+
+    def add(self, cls: int, placement: _Placement) -> None:
+        """Put the shape of ``placement`` on top of the earlier ones."""
+        self.owner[placement.window][placement.cover] = len(self.classes)
+        self.visible = [int(v) for v in placement.left] + [int(placement.cover.sum())]
+        self.drawn_area.append(int(placement.cover.sum()))
+        self.windows.append(placement.window)
+        self.classes.append(cls)
+
+
+def _rasterize(poly: np.ndarray, offset: np.ndarray, outline: int, layers: _Layers) -> _Placement:
+    """Masks of ``poly`` moved by ``offset``, in its window only (to keep the cost per shape
+    small), and the pixels each earlier shape keeps on top if it is drawn there."""
+    import cv2
+
+    size = layers.owner.shape[0]
+    lo, hi = poly.min(axis=0), poly.max(axis=0)
+    margin = outline + 1
+    x0, y0 = np.maximum(np.floor(offset + lo).astype(int) - margin, 0)
+    x1, y1 = np.minimum(np.ceil(offset + hi).astype(int) + margin + 1, size)
+    win = (slice(y0, y1), slice(x0, x1))
+    pts = np.round((poly + offset - (x0, y0)) * 16).astype(np.int32)
+    fill = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    cv2.fillPoly(fill, [pts], 1, cv2.LINE_8, 4)
+    edge = np.zeros_like(fill)
+    if outline:
+        cv2.polylines(edge, [pts], True, 1, outline, cv2.LINE_8, 4)
+    cover = (fill | edge).astype(bool)
+    hidden = np.bincount(layers.owner[win][cover] + 1, minlength=len(layers.classes) + 1)[1:]
+    left = np.asarray(layers.visible, dtype=np.int64) - hidden
+    return _Placement(offset, win, fill, edge, cover, left)
+
+
+def _place_shape(
+    rng: np.random.Generator, poly: np.ndarray, outline: int, layers: _Layers
+) -> _Placement | None:
+    """A random placement of ``poly`` inside the image that leaves every earlier shape at least
+    :data:`MIN_VISIBLE_FRACTION` visible, or None after :data:`_PLACEMENT_TRIES` failures."""
+    size = layers.owner.shape[0]
+    lo, hi = poly.min(axis=0), poly.max(axis=0)
+    margin = outline + 1
+    for _ in range(_PLACEMENT_TRIES):
+        offset = rng.uniform(margin - lo, size - 1 - margin - hi)
+        placement = _rasterize(poly, offset, outline, layers)
+        if np.all(placement.left >= MIN_VISIBLE_FRACTION * np.asarray(layers.drawn_area)):
+            return placement
+    return None
+
+
+def _paint_shape(
+    rng: np.random.Generator,
+    img: np.ndarray,
+    poly: np.ndarray,
+    placement: _Placement,
+    outline: int,
+) -> None:
+    """Paint the shape into float ``img`` in place: a random colour with a linear shading ramp,
+    and a darker outline when ``outline`` > 0."""
+    win, fill, offset = placement.window, placement.fill, placement.offset
+    x0, y0 = win[1].start, win[0].start
+    lo, hi = poly.min(axis=0), poly.max(axis=0)
+    colour = _random_colour(rng, (0.35, 1.0))
+    phi = rng.uniform(0, 2 * math.pi)
+    ys, xs = np.nonzero(fill)
+    ramp = (xs + x0 - offset[0]) * math.cos(phi) + (ys + y0 - offset[1]) * math.sin(phi)
+    shade = 1.0 + rng.uniform(0.0, 0.35) * np.clip(ramp / (hi - lo).max(), -1, 1)
+    region = img[win]
+    region[ys, xs] = np.clip(colour * shade[:, None], 0, 255)
+    if outline:
+        region[placement.edge.astype(bool) & ~fill.astype(bool)] = colour * rng.uniform(0.2, 0.6)
+
+
+def _finish_image(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """Add pixel noise to float ``img`` (in place), sometimes blur it; return it as uint8."""
+    import cv2
+
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(2, 9))
+    if rng.random() < 0.3:
+        img = cv2.GaussianBlur(img, (3, 3), 0)
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def _visible_objects(layers: _Layers) -> list[dict[str, Any]]:
+    """COCO object dicts of the placed shapes, each boxed by the extent of its visible pixels."""
+    objects = []
+    for i, (cls, win) in enumerate(zip(layers.classes, layers.windows)):
+        ys, xs = np.nonzero(layers.owner[win] == i)
+        if len(xs) < MIN_VISIBLE_FRACTION * layers.drawn_area[i]:
+            continue  # safeguard; the placement check already prevents this
+        x0, y0 = int(xs.min()) + win[1].start, int(ys.min()) + win[0].start
+        w, h = int(xs.max() - xs.min()) + 1, int(ys.max() - ys.min()) + 1
+        if w < 2 or h < 2:
+            continue
+        bbox = [float(x0), float(y0), float(w), float(h)]
+        objects.append({"category_id": cls + 1, "bbox": bbox, "area": float(len(xs))})
+    return objects
+
+
 def render_image(
     seed: int,
     index: int,
@@ -200,76 +319,21 @@ def render_image(
         (``[x, y, w, h]`` in pixels, inside the image, ``w, h >= 2``) and ``area`` (visible
         pixel count). The result depends only on the arguments.
     """
-    import cv2
-
     size = image_size
     rng = np.random.default_rng([seed, index])
     img = _background(rng, size)
-
-    owner = np.full((size, size), -1, dtype=np.int16)  # index of the shape on top of a pixel
-    drawn_area: list[int] = []  # pixels each shape covered when drawn
-    visible: list[int] = []  # pixels of each shape still on top
-    windows: list[tuple[slice, slice]] = []
-    classes: list[int] = []
+    layers = _Layers(owner=np.full((size, size), -1, dtype=np.int16))
     log_min, log_max = math.log(min_object_size), math.log(size / 2)
     for _ in range(int(rng.integers(1, max_objects + 1))):
         cls = int(rng.integers(0, len(CLASSES)))
         poly = _shape_polygon(rng, cls, math.exp(rng.uniform(log_min, log_max)))
         outline = int(rng.integers(1, 3)) if rng.random() < 0.3 else 0
-        lo, hi = poly.min(axis=0), poly.max(axis=0)
-        margin = outline + 1
-        for _ in range(_PLACEMENT_TRIES):
-            offset = rng.uniform(margin - lo, size - 1 - margin - hi)
-            # Work in the shape's window (x0, y0 .. x1, y1) to keep the cost per shape small.
-            x0, y0 = np.maximum(np.floor(offset + lo).astype(int) - margin, 0)
-            x1, y1 = np.minimum(np.ceil(offset + hi).astype(int) + margin + 1, size)
-            win = (slice(y0, y1), slice(x0, x1))
-            pts = np.round((poly + offset - (x0, y0)) * 16).astype(np.int32)
-            fill = np.zeros((y1 - y0, x1 - x0), np.uint8)
-            cv2.fillPoly(fill, [pts], 1, cv2.LINE_8, 4)
-            edge = np.zeros_like(fill)
-            if outline:
-                cv2.polylines(edge, [pts], True, 1, outline, cv2.LINE_8, 4)
-            cover = (fill | edge).astype(bool)
-            hidden = np.bincount(owner[win][cover] + 1, minlength=len(classes) + 1)[1:]
-            left = np.asarray(visible, dtype=np.int64) - hidden
-            if np.all(left >= MIN_VISIBLE_FRACTION * np.asarray(drawn_area)):
-                break
-        else:
+        placement = _place_shape(rng, poly, outline, layers)
+        if placement is None:
             continue  # no placement leaves the earlier shapes visible enough: skip this shape
-
-        colour = _random_colour(rng, (0.35, 1.0))
-        phi = rng.uniform(0, 2 * math.pi)
-        ys, xs = np.nonzero(fill)
-        ramp = (xs + x0 - offset[0]) * math.cos(phi) + (ys + y0 - offset[1]) * math.sin(phi)
-        shade = 1.0 + rng.uniform(0.0, 0.35) * np.clip(ramp / (hi - lo).max(), -1, 1)
-        region = img[win]
-        region[ys, xs] = np.clip(colour * shade[:, None], 0, 255)
-        if outline:
-            region[edge.astype(bool) & ~fill.astype(bool)] = colour * rng.uniform(0.2, 0.6)
-        owner[win][cover] = len(classes)
-        visible = [int(v) for v in left] + [int(cover.sum())]
-        drawn_area.append(int(cover.sum()))
-        windows.append(win)
-        classes.append(cls)
-
-    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(2, 9))
-    if rng.random() < 0.3:
-        img = cv2.GaussianBlur(img, (3, 3), 0)
-    image = np.clip(np.round(img), 0, 255).astype(np.uint8)
-
-    objects = []
-    for i, (cls, win) in enumerate(zip(classes, windows)):
-        ys, xs = np.nonzero(owner[win] == i)
-        if len(xs) < MIN_VISIBLE_FRACTION * drawn_area[i]:
-            continue  # safeguard; the placement check already prevents this
-        x0, y0 = int(xs.min()) + win[1].start, int(ys.min()) + win[0].start
-        w, h = int(xs.max() - xs.min()) + 1, int(ys.max() - ys.min()) + 1
-        if w < 2 or h < 2:
-            continue
-        bbox = [float(x0), float(y0), float(w), float(h)]
-        objects.append({"category_id": cls + 1, "bbox": bbox, "area": float(len(xs))})
-    return image, objects
+        _paint_shape(rng, img, poly, placement, outline)
+        layers.add(cls, placement)
+    return _finish_image(rng, img), _visible_objects(layers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +464,49 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def _split_config(
+    split: str, num_images: int | None, seed: int | None, **params: Any
+) -> SyntheticConfig:
+    """The config of ``split``: ``num_images`` and ``seed`` default to :data:`SPLITS`."""
+    if num_images is None or seed is None:
+        if split not in SPLITS:
+            raise ValueError(
+                f"unknown synthetic split {split!r} (known: {sorted(SPLITS)}): "
+                "pass num_images and seed"
+            )
+        num_images = SPLITS[split].num_images if num_images is None else num_images
+        seed = SPLITS[split].seed if seed is None else seed
+    return SyntheticConfig(num_images=num_images, seed=seed, **params)
+
+
+def _remove_stale(parent: Path, split: str) -> None:
+    """Delete the temporary and old folders of ``split`` that a crashed generator left."""
+    for kind in ("tmp", "old"):
+        for stale in parent.glob(f".{glob.escape(split)}.{kind}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _generate_and_publish(target: Path, config: SyntheticConfig, split: str) -> None:
+    """Write the split into a temporary sibling of ``target``, then rename it into place
+    (moving an existing ``target`` aside first). The caller holds the split's lock."""
+    parent = target.parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=parent))
+    try:
+        write_split(tmp, config, split)
+        if target.exists():
+            old = parent / f".{split}.old-{uuid.uuid4().hex}"
+            os.replace(target, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # A generator that could not take the lock published first: keep its copy.
+            if not is_split_valid(target, config, split):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def ensure_split(
     split: str,
     root: str | os.PathLike | None = None,
@@ -419,17 +526,10 @@ def ensure_split(
     crash never leaves a folder that passes :func:`is_split_valid` with wrong content, and
     concurrent callers generate it once.
     """
-    if num_images is None or seed is None:
-        if split not in SPLITS:
-            raise ValueError(
-                f"unknown synthetic split {split!r} (known: {sorted(SPLITS)}): "
-                "pass num_images and seed"
-            )
-        num_images = SPLITS[split].num_images if num_images is None else num_images
-        seed = SPLITS[split].seed if seed is None else seed
-    config = SyntheticConfig(
-        num_images=num_images,
-        seed=seed,
+    config = _split_config(
+        split,
+        num_images,
+        seed,
         image_size=image_size,
         image_format=image_format,
         max_objects=max_objects,
@@ -440,27 +540,10 @@ def ensure_split(
     if is_split_valid(target, config, split):
         return result
 
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(parent / f".{split}.lock"):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{split}.lock"):
         if is_split_valid(target, config, split):  # another process generated it meanwhile
             return result
-        for kind in ("tmp", "old"):  # folders left over by a crashed generator
-            for stale in parent.glob(f".{glob.escape(split)}.{kind}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=parent))
-        try:
-            write_split(tmp, config, split)
-            if target.exists():
-                old = parent / f".{split}.old-{uuid.uuid4().hex}"
-                os.replace(target, old)
-                shutil.rmtree(old, ignore_errors=True)
-            try:
-                os.replace(tmp, target)
-            except OSError:
-                # A generator that could not take the lock published first: keep its copy.
-                if not is_split_valid(target, config, split):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_stale(target.parent, split)
+        _generate_and_publish(target, config, split)
     return result
