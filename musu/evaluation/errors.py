@@ -355,7 +355,7 @@ def plot_pr_curves(curves: list[ClassCurve], class_names: list[str], path: str, 
     ax.set_ylabel("precision")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
