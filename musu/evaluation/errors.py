@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class ImageResults:
     det_boxes: np.ndarray  # (D, 4) XYXY
     det_scores: np.ndarray  # (D,)
     det_classes: np.ndarray  # (D,) int
-    gt_crowd: np.ndarray = field(default=None)  # (M,) bool; None: no crowd
+    gt_crowd: np.ndarray | None = None  # (M,) bool; None: no crowd
 
     def __post_init__(self) -> None:
         self.gt_boxes = np.asarray(self.gt_boxes, dtype=np.float64).reshape(-1, 4)
