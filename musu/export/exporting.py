@@ -143,7 +143,7 @@ def export_torchscript(
     with warnings.catch_warnings(), torch.no_grad():
         _ignore_tracing_warnings()
         traced = torch.jit.trace(module, (sample,), check_trace=False)
-    torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+        torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
     return Path(path)
 
 

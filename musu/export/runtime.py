@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -109,7 +110,9 @@ def _load_onnx(path: Path, num_threads: Optional[int]):
 
 def _load_torchscript(path: Path):
     extra = {METADATA_FILE: ""}
-    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     stored = json.loads(extra[METADATA_FILE]) if extra[METADATA_FILE] else {}
     return module.eval(), stored
 
