@@ -12,6 +12,9 @@ Mutual Guidance project's MGRetinaNet (seeded random init).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -196,3 +199,23 @@ def test_exported_model_rejects_a_config_it_was_not_exported_for(trained, tmp_pa
         ExportedModel(tmp_path / "model.txt", cfg)
     with pytest.raises(ValueError, match=r"shape \(H, W, 3\)"):
         ExportedModel(path, cfg)(np.zeros((32, 32), dtype=np.uint8))
+
+
+@pytest.mark.slow
+def test_latency_benchmark_times_all_three_runtimes(tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "benchmarks" / "export_latency.py")]
+        + ["--images", "1", "--iters", "1", "--warmup", "0", "--threads", "1"]
+        + ["--json", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["threads"] == 1 and row["same_detection_counts"]
+    assert row["eager_ms"] > 0 and row["torchscript_ms"] > 0 and row["onnxruntime_ms"] > 0
+    assert row["detections_per_image"] > 0  # random init, threshold 0.005: NMS has work to do
+    assert "| threads | eager ms |" in completed.stdout and "Command: `" in completed.stdout
