@@ -30,6 +30,8 @@ from detectron2.data import (
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.engine.hooks import HookBase
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import musu
 from musu.data import register_coco_dataset
@@ -112,9 +114,11 @@ class Trainer(DefaultTrainer):
 
 def setup(args) -> CfgNode:
     """:func:`musu.build_config` of ``--config-file`` and the command-line opts (frozen,
-    validated), then Detectron2's ``default_setup`` (output folder, logging, seeds)."""
+    validated), then Detectron2's ``default_setup`` (output folder, logging, seeds) and the same
+    logging for musu's own loggers."""
     cfg = musu.build_config(args.config_file, args.opts)
     default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="musu")
     return cfg
 
 

@@ -328,3 +328,12 @@ def test_d2fcos_trains_under_bf16_autocast_with_float32_losses() -> None:
     for name, value in losses.items():
         assert value.dtype == torch.float32 and torch.isfinite(value), name
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_train_net_logs_the_precision_and_why(amp_datasets: None, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(amp.ENV_NATIVE_BF16, "0")
+    train_net.Trainer(
+        train_net.setup(_train_net_args(tmp_path / "log", "SOLVER.AMP.ENABLED", "True"))
+    )
+    log = (tmp_path / "log" / "log.txt").read_text()
+    assert "Training precision: torch.float32" in log and "no native bfloat16" in log

@@ -293,13 +293,24 @@ def test_coco_r50_1x_schedule() -> None:
     assert flatten(cfg.MODEL.MUSU) == flatten(fresh)  # the 1x row is the defaults
 
 
+# Keys add_musu_config adds outside MODEL.MUSU (musu.engine.amp), with their defaults.
+PRECISION_KEYS = {
+    "SOLVER.AMP.PRECISION": "float16",
+    "SOLVER.AMP.CPU_BFLOAT16": "native",
+    "TEST.AMP.ENABLED": False,
+    "MODEL.CHANNELS_LAST": False,
+}
+
+
 def test_add_musu_config_adds_only_musu() -> None:
-    """Every key outside ``MODEL.MUSU`` keeps its Detectron2 default."""
+    """Every Detectron2 key keeps its default; the only new keys are ``MODEL.MUSU`` and the
+    precision / memory-format keys, whose defaults change nothing (float32, contiguous)."""
     before = flatten(get_cfg())
     after = flatten(musu_cfg())
     assert not any(k.startswith("MODEL.MUSU") for k in before)
+    assert not set(PRECISION_KEYS) & set(before)
     outside = {k: v for k, v in after.items() if not k.startswith("MODEL.MUSU.")}
-    assert outside == before
+    assert outside == {**before, **PRECISION_KEYS}
     assert any(k.startswith("MODEL.MUSU.") for k in after)
 
 

@@ -196,13 +196,11 @@ def test_concurrent_callers_generate_once(tmp_path, monkeypatch):
 def test_concurrent_processes(tmp_path):
     """Two processes generating the same split at once leave one valid split."""
     script = (
-        "import importlib.util, sys\n"
-        "spec = importlib.util.spec_from_file_location('gen', sys.argv[1])\n"
-        "mod = importlib.util.module_from_spec(spec); sys.modules['gen'] = mod\n"
-        "spec.loader.exec_module(mod)\n"
-        "mod.ensure_split('val', sys.argv[2], num_images=20, seed=5, image_size=128)\n"
+        "import sys\n"
+        "from musu.data import synthetic\n"
+        "synthetic.ensure_split('val', sys.argv[1], num_images=20, seed=5, image_size=128)\n"
     )
-    args = [sys.executable, "-c", script, synthetic.__file__, str(tmp_path)]
+    args = [sys.executable, "-c", script, str(tmp_path)]
     procs = [subprocess.Popen(args) for _ in range(2)]
     assert [p.wait(timeout=60) for p in procs] == [0, 0]
     config = synthetic.SyntheticConfig(num_images=20, seed=5, image_size=128)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,9 @@ def test_builds_detectron2_fcos_from_musu_keys() -> None:
         "MODEL.MUSU.FOCAL_LOSS_GAMMA", "1.5", "MODEL.MUSU.FCOS_CENTER_SAMPLING_RADIUS", "2.5",
     )  # fmt: skip
     model = build_model(cfg)
-    assert type(model) is FCOS and type(model.head) is FCOSHead  # Detectron2's classes, unchanged
+    # Detectron2's classes; the model's only override runs FCOS.losses in float32 (see below).
+    assert isinstance(model, FCOS) and type(model.head) is FCOSHead
+    assert [n for n, v in vars(type(model)).items() if callable(v)] == ["losses"]
     assert model.num_classes == 5 and model.head_in_features == ["p3", "p4", "p5", "p6", "p7"]
     assert (model.test_score_thresh, model.test_nms_thresh) == (0.1, 0.5)
     assert model.focal_loss_gamma == 1.5 and model.center_sampling_radius == 2.5
@@ -104,3 +107,22 @@ def test_train_losses_and_pre_nms_inference() -> None:
         before = pre_nms([{"image": image}])[0]["instances"]
     assert 0 < len(after) <= 100 < len(before)
     assert float(before.scores.max()) == pytest.approx(float(after.scores.max()))
+
+
+def test_float32_losses_equal_detectron2_fcos_losses() -> None:
+    """Outside autocast the adaptor's losses are Detectron2's ``FCOS.losses`` exactly."""
+    torch.manual_seed(0)
+    model = build_model(_cfg())
+    model.train()
+    instances = Instances((96, 96))
+    instances.gt_boxes = Boxes(torch.tensor([[8.0, 10.0, 60.0, 70.0], [50.0, 20.0, 90.0, 50.0]]))
+    instances.gt_classes = torch.tensor([0, 2])
+    batch = [{"image": torch.rand(3, 96, 96) * 255, "instances": instances}]
+    with EventStorage():
+        ours = model(batch)
+        del model.loss_normalizer  # FCOS keeps an EMA of it: start the second call afresh
+        model.losses = types.MethodType(FCOS.losses, model)  # Detectron2's own method
+        theirs = model(batch)
+    assert set(ours) == set(theirs)
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name

@@ -47,6 +47,7 @@ from torch import nn
 import musu
 from musu.data import register_coco_dataset
 from musu.engine import train_seconds_per_iter
+from musu.engine.amp import autocast_context, resolve_autocast
 from musu.evaluation import PRE_NMS_OPTS, ConsistencyEvaluator
 from musu.model_zoo import load_model
 
@@ -170,7 +171,9 @@ def evaluate(
     timed = _TimedModel(load_model(cfg, checkpoint), warmup)
     coco = COCOEvaluator(dataset, output_dir=str(output_dir / "inference"))
     post_nms = ConsistencyEvaluator(dataset)
-    results = inference_on_dataset(timed, loader, DatasetEvaluators([coco, post_nms]))
+    precision = resolve_autocast(cfg, training=False)  # TEST.AMP, as train_net.py evaluates
+    with autocast_context(precision):
+        results = inference_on_dataset(timed, loader, DatasetEvaluators([coco, post_nms]))
     row: Dict[str, float] = dict(results.get("bbox", {}))
     row["infer_s_per_image"] = timed.seconds / timed.images if timed.images else float("nan")
     row.update({f"post_nms_{k}": v for k, v in results["consistency"].items()})
@@ -180,7 +183,8 @@ def evaluate(
     pre_loader = build_detection_test_loader(pre_cfg, dataset)
     if max_images > 0:
         pre_loader = _limited(pre_loader, max_images)
-    pre = inference_on_dataset(pre_model, pre_loader, ConsistencyEvaluator(dataset))
+    with autocast_context(precision):
+        pre = inference_on_dataset(pre_model, pre_loader, ConsistencyEvaluator(dataset))
     row.update(pre["consistency"])
     row["dataset"] = dataset
     return row

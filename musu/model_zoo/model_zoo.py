@@ -17,6 +17,7 @@ from detectron2.modeling import build_model
 from torch import nn
 
 from ..config import build_config
+from ..engine.amp import apply_memory_format
 from .file_io import PREFIX
 from .table import MODEL_ZOO_FILES, configs_root
 
@@ -79,8 +80,9 @@ class WeightsOnlyCheckpointer(DetectionCheckpointer):
 
 def load_model(cfg: CfgNode, weights: str | None = None) -> nn.Module:
     """``build_model(cfg)`` with ``weights`` (default ``cfg.MODEL.WEIGHTS``; a local path or any
-    PathManager path such as ``musu://``) loaded weights-only, in eval mode."""
-    model = build_model(cfg)
+    PathManager path such as ``musu://``) loaded weights-only, in eval mode, channels-last where
+    ``MODEL.CHANNELS_LAST``."""
+    model = apply_memory_format(build_model(cfg), cfg)
     WeightsOnlyCheckpointer(model).load(cfg.MODEL.WEIGHTS if weights is None else weights)
     return model.eval()
 

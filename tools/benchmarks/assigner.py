@@ -31,11 +31,12 @@ import statistics
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from common import (  # tools/benchmarks/common.py: the script's folder is on sys.path
     MIB,
+    LineProfile,
     command_line,
     environment_summary,
     inspect_unwrap,
@@ -166,8 +167,27 @@ def _step_name(func: str) -> str:
 
 
 def _source_line(fn: Callable, line: int) -> str:
+    """Source text of line ``line`` of ``fn`` (stripped, at most 90 characters)."""
     lines, start = inspect.getsourcelines(inspect_unwrap(fn))
     return lines[line - start].strip()[:90]
+
+
+def _line_rows(
+    profile: LineProfile,
+    top: Sequence[Tuple[Tuple[str, int], float]],
+    functions: Dict[str, Callable],
+) -> List[List[str]]:
+    """Table rows ``line | ms | allocated MiB | source`` of the ``top`` (line, seconds) entries
+    of ``profile``; ``functions`` maps a profiled function name to the function."""
+    return [
+        [
+            f"{func}:{line}",
+            f"{1e3 * seconds:.1f}",
+            f"{profile.allocated.get((func, line), 0) / MIB:.1f}",
+            f"`{_source_line(functions[func], line)}`",
+        ]
+        for (func, line), seconds in top
+    ]
 
 
 def print_profiles(
@@ -205,15 +225,7 @@ def _print_musu_profile(run_musu: Callable[[], object], label: str) -> Dict[str,
             f"({_step_name(func)}): `{_source_line(functions[func], line)}`"
         )
     top = sorted(musu.seconds.items(), key=lambda kv: -kv[1])[:8]
-    line_rows = [
-        [
-            f"{f}:{line}",
-            f"{1e3 * s:.1f}",
-            f"{musu.allocated.get((f, line), 0) / MIB:.1f}",
-            f"`{_source_line(functions[f], line)}`",
-        ]
-        for (f, line), s in top
-    ]
+    line_rows = _line_rows(musu, top, functions)
     print(f"\nMuSu slowest lines, {label}:\n")
     print(markdown_table(["line", "ms", "allocated MiB", "source"], line_rows))
 
@@ -233,15 +245,7 @@ def _print_fcos_profile(run_fcos: Callable[[], object], label: str) -> None:
         ((k, s) for k, s in fcos_prof.seconds.items() if k[0] == "_match_anchors"),
         key=lambda kv: -kv[1],
     )[:6]
-    line_rows = [
-        [
-            f"{f}:{line}",
-            f"{1e3 * s:.1f}",
-            f"{fcos_prof.allocated.get((f, line), 0) / MIB:.1f}",
-            f"`{_source_line(funcs[f], line)}`",
-        ]
-        for (f, line), s in top
-    ]
+    line_rows = _line_rows(fcos_prof, top, funcs)
     print(
         f"\nFCOS slowest lines of _match_anchors, {label} (summed over images; one traced "
         f"label_anchors call: {1e3 * fcos_prof.total_seconds:.1f} ms, "

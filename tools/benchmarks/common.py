@@ -114,7 +114,13 @@ def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> fl
     return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
+def _is_cpu_memory_event(event: object) -> bool:
+    """True for the profiler's CPU allocator events (``nbytes`` > 0: allocation, < 0: free)."""
+    return event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+
+
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Maximum of the running sum of CPU allocation / free events while ``fn()`` runs."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -123,7 +129,7 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
     events = [
         (e.start_ns(), e.nbytes())
         for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+        if _is_cpu_memory_event(e)
     ]
     events.sort(key=lambda item: item[0])
     live = peak = 0
@@ -159,14 +165,16 @@ class LineProfile:
     total_seconds: float = 0.0
 
 
-def line_profile(fn: Callable[[], object], targets: Sequence[Callable]) -> LineProfile:
-    """Run ``fn()`` once under ``torch.profiler`` (CPU) while a ``sys.settrace`` hook opens one
-    ``record_function`` range per executed source line of each target function.
+_LineKey = Tuple[str, int]  # (function name, line number)
+_Range = Tuple[int, int, _LineKey]  # (start ns, end ns, line)
 
-    Returns, for each (function name, line number), the summed wall time of the range (inclusive
-    of callees that are not targets), the tensor bytes allocated inside it (innermost range only),
-    and the line running at the peak of live tensor memory. Source is traced as is: no copy.
-    """
+
+def _traced_call(
+    fn: Callable[[], object], targets: Sequence[Callable]
+) -> Tuple[torch.profiler.profile, float]:
+    """Run ``fn()`` once under ``torch.profiler`` (CPU, memory events on) while a
+    ``sys.settrace`` hook opens one ``record_function`` range ``line:<func>:<line>`` per executed
+    source line of each target. Returns the finished profiler and the wall seconds of the call."""
     from torch.profiler import ProfilerActivity, profile
 
     codes = {inspect_unwrap(t).__code__: inspect_unwrap(t).__name__ for t in targets}
@@ -196,10 +204,16 @@ def line_profile(fn: Callable[[], object], targets: Sequence[Callable]) -> LineP
             sys.settrace(None)
         del result
         total = time.perf_counter() - start
+    return prof, total
 
-    out = LineProfile(total_seconds=total)
-    ranges = []  # (start_ns, end_ns, key)
-    memory = []  # (time_ns, nbytes)
+
+def _line_ranges(
+    prof: torch.profiler.profile, out: LineProfile
+) -> Tuple[List[_Range], List[Tuple[int, int]]]:
+    """Sum the seconds and calls of each line range into ``out``; return the line ranges and the
+    CPU memory events ``(time_ns, nbytes)``, both sorted by time."""
+    ranges: List[_Range] = []
+    memory: List[Tuple[int, int]] = []
     for e in prof.profiler.kineto_results.events():
         name = e.name()
         if name.startswith("line:"):
@@ -208,28 +222,51 @@ def line_profile(fn: Callable[[], object], targets: Sequence[Callable]) -> LineP
             ranges.append((e.start_ns(), e.start_ns() + e.duration_ns(), key))
             out.seconds[key] = out.seconds.get(key, 0.0) + e.duration_ns() * 1e-9
             out.calls[key] = out.calls.get(key, 0) + 1
-        elif name == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU:
+        elif _is_cpu_memory_event(e):
             memory.append((e.start_ns(), e.nbytes()))
     ranges.sort()
     memory.sort()
+    return ranges, memory
 
-    def innermost(t_ns: int) -> Optional[Tuple[str, int]]:
-        best = None
-        for begin, end, key in ranges:  # small: one range per executed line
-            if begin > t_ns:
-                break
-            if t_ns <= end and (best is None or end - begin < best[1] - best[0]):
-                best = (begin, end, key)
-        return None if best is None else best[2]
 
+def _innermost(ranges: Sequence[_Range], t_ns: int) -> Optional[_LineKey]:
+    """The line of the shortest range (sorted by start) that contains ``t_ns``, if any."""
+    best = None
+    for begin, end, key in ranges:  # small: one range per executed line
+        if begin > t_ns:
+            break
+        if t_ns <= end and (best is None or end - begin < best[1] - best[0]):
+            best = (begin, end, key)
+    return None if best is None else best[2]
+
+
+def _attribute_memory(
+    out: LineProfile, ranges: Sequence[_Range], memory: Sequence[Tuple[int, int]]
+) -> None:
+    """Add each allocation to its innermost line in ``out``, and record the peak of the running
+    sum of live tensor bytes with the line running at that moment."""
     live = 0
     for t_ns, nbytes in memory:
         live += nbytes
-        key = innermost(t_ns)
+        key = _innermost(ranges, t_ns)
         if nbytes > 0 and key is not None:
             out.allocated[key] = out.allocated.get(key, 0) + nbytes
         if live > out.peak_bytes:
             out.peak_bytes, out.peak_line = live, key
+
+
+def line_profile(fn: Callable[[], object], targets: Sequence[Callable]) -> LineProfile:
+    """Run ``fn()`` once under ``torch.profiler`` (CPU) while a ``sys.settrace`` hook opens one
+    ``record_function`` range per executed source line of each target function.
+
+    Returns, for each (function name, line number), the summed wall time of the range (inclusive
+    of callees that are not targets), the tensor bytes allocated inside it (innermost range only),
+    and the line running at the peak of live tensor memory. Source is traced as is: no copy.
+    """
+    prof, total = _traced_call(fn, targets)
+    out = LineProfile(total_seconds=total)
+    ranges, memory = _line_ranges(prof, out)
+    _attribute_memory(out, ranges, memory)
     return out
 
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from common import command_line, environment_summary, markdown_table, quiet_warnings
+from detectron2.config import CfgNode
 from fvcore.nn import FlopCountAnalysis
 from torch import Tensor, nn
 from train_iter import build_fcos, build_musu, load_config, num_parameters
@@ -67,7 +68,8 @@ def count(model: nn.Module, images: Tensor) -> Dict[str, float]:
     }
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
+    """Command-line arguments of the script."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/COCO-Detection/musu_R_50_FPN_1x.yaml")
     parser.add_argument("--num-anchors", type=int, nargs="+", default=[1, 2, 3, 4, 5])
@@ -76,24 +78,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE")
-    args = parser.parse_args()
-    quiet_warnings()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, "cpu", args.opts)
-    cfg.MODEL.WEIGHTS = ""
-    padded = [((side + 31) // 32) * 32 for side in (args.height, args.width)]
-    images = torch.zeros(1, 3, *padded)  # (1, 3, H_pad, W_pad), the content does not matter
+    return parser.parse_args()
 
+
+def _build_models(cfg: CfgNode, num_anchors: List[int]) -> Dict[str, nn.Module]:
+    """Detectron2's FCOS, then MuSu for each anchor number, all from ``cfg`` (seed 0)."""
     models = {"FCOS": build_fcos(cfg, cfg.MODEL.MUSU.SCORE_THRESH_TEST, seed=0)}
-    for num_anchors in args.num_anchors:
-        models[f"MuSu A={num_anchors}"] = build_musu(
-            cfg, num_anchors, cfg.MODEL.MUSU.SCORE_THRESH_TEST, seed=0
+    for anchors in num_anchors:
+        models[f"MuSu A={anchors}"] = build_musu(
+            cfg, anchors, cfg.MODEL.MUSU.SCORE_THRESH_TEST, seed=0
         )
+    return models
+
+
+def _records(
+    models: Dict[str, nn.Module], images: Tensor, with_paper: bool
+) -> List[Dict[str, object]]:
+    """One row per model: its counts, the paper's Table 7 values (when ``with_paper``, else
+    None) and the increments over the first model (FCOS) and over the paper's FCOS."""
     records = []
     for name, model in models.items():
         row = {"model": name, **count(model, images)}
-        paper = PAPER_TABLE_7.get(name) if args.config.endswith("musu_R_50_FPN_1x.yaml") else None
+        paper = PAPER_TABLE_7.get(name) if with_paper else None
         row["paper_params_m"], row["paper_gflops"] = paper if paper else (None, None)
         records.append(row)
     base = records[0]
@@ -103,32 +109,54 @@ def main() -> None:
         if row["paper_params_m"] is not None:
             row["paper_params_increment_m"] = row["paper_params_m"] - PAPER_TABLE_7["FCOS"][0]
             row["paper_gflops_increment"] = row["paper_gflops"] - PAPER_TABLE_7["FCOS"][1]
+    return records
 
-    def cell(value, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
 
+def _cell(value: Optional[float], fmt: str) -> str:
+    """``value`` formatted with ``fmt``, or ``-`` when it is None."""
+    return "-" if value is None else format(value, fmt)
+
+
+def _markdown(records: List[Dict[str, object]]) -> str:
+    """The records as a Markdown table of parameters and GFLOPs next to the paper's."""
     headers = ["model", "params M", "+ vs FCOS", "paper params M", "paper +"]
     headers += ["GFLOPs", "+ vs FCOS", "paper GFLOPs", "paper +", "head GFLOPs"]
     rows = [
         [
             r["model"],
-            cell(r["params_m"], ".2f"),
-            cell(r["params_increment_m"], "+.3f"),
-            cell(r["paper_params_m"], ".2f"),
-            cell(r.get("paper_params_increment_m"), "+.2f"),
-            cell(r["gflops"], ".1f"),
-            cell(r["gflops_increment"], "+.2f"),
-            cell(r["paper_gflops"], ".1f"),
-            cell(r.get("paper_gflops_increment"), "+.1f"),
-            cell(r["head_gflops"], ".1f"),
+            _cell(r["params_m"], ".2f"),
+            _cell(r["params_increment_m"], "+.3f"),
+            _cell(r["paper_params_m"], ".2f"),
+            _cell(r.get("paper_params_increment_m"), "+.2f"),
+            _cell(r["gflops"], ".1f"),
+            _cell(r["gflops_increment"], "+.2f"),
+            _cell(r["paper_gflops"], ".1f"),
+            _cell(r.get("paper_gflops_increment"), "+.1f"),
+            _cell(r["head_gflops"], ".1f"),
         ]
         for r in records
     ]
+    return markdown_table(headers, rows)
+
+
+def main() -> None:
+    """Count both models, print the table, and write the rows as JSON if asked."""
+    args = _parse_args()
+    quiet_warnings()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, "cpu", args.opts)
+    cfg.MODEL.WEIGHTS = ""
+    padded = [((side + 31) // 32) * 32 for side in (args.height, args.width)]
+    images = torch.zeros(1, 3, *padded)  # (1, 3, H_pad, W_pad), the content does not matter
+
+    models = _build_models(cfg, args.num_anchors)
+    records = _records(models, images, args.config.endswith("musu_R_50_FPN_1x.yaml"))
     print(
         f"\n### Parameters and FLOPs ({args.config}, one {args.height}x{args.width} image padded "
         f"to {padded[0]}x{padded[1]}; fvcore, 1 flop = 1 multiply-add)\n"
     )
-    print(markdown_table(headers, rows))
+    print(_markdown(records))
     print(f"\nEnvironment: {environment_summary(torch.device('cpu'))}")
     print(f"Command: `{command_line()}`")
     if args.json is not None:
