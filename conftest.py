@@ -32,6 +32,8 @@ def _check_requirements() -> list[str]:
         ("pycocotools", "pycocotools"),
         ("cv2", "opencv-python-headless"),
         ("hypothesis", "hypothesis"),
+        ("onnx", "onnx (the export extra: pip install -e .[export])"),
+        ("onnxruntime", "onnxruntime (the export extra: pip install -e .[export])"),
         ("musu", "musu (pip install -e .)"),
     ]:
         try:
