@@ -32,6 +32,7 @@ def _check_requirements() -> list[str]:
         ("pycocotools", "pycocotools"),
         ("cv2", "opencv-python-headless"),
         ("hypothesis", "hypothesis"),
+        ("matplotlib", "matplotlib"),
         ("onnx", "onnx (the export extra: pip install -e .[export])"),
         ("onnxruntime", "onnxruntime (the export extra: pip install -e .[export])"),
         ("musu", "musu (pip install -e .)"),

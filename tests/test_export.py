@@ -219,3 +219,44 @@ def test_latency_benchmark_times_all_three_runtimes(tmp_path: Path) -> None:
     assert row["eager_ms"] > 0 and row["torchscript_ms"] > 0 and row["onnxruntime_ms"] > 0
     assert row["detections_per_image"] > 0  # random init, threshold 0.005: NMS has work to do
     assert "| threads | eager ms |" in completed.stdout and "Command: `" in completed.stdout
+
+
+def test_demo_runs_the_exported_model_like_the_eager_one(trained, tmp_path: Path) -> None:
+    """tools/demo.py --exported FILE writes the same COCO results as the eager model."""
+    import demo  # tools/demo.py
+
+    cfg = _cfg(MUSU_CONFIG, trained["weights"])
+    path = export_model(DefaultPredictor(cfg).model, cfg, "onnx", tmp_path / "onnx")
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    for name, image in _images().items():
+        cv2.imwrite(str(image_dir / f"{name}.png"), image)
+    base = ["--config-file", str(MUSU_CONFIG), "--input", str(image_dir)]
+    base += ["--confidence-threshold", "0.0"]
+    opts = ["--opts", *TINY, "MODEL.WEIGHTS", trained["weights"]]
+    assert (
+        demo.main(
+            base + ["--output", str(tmp_path / "e"), "--json-out", str(tmp_path / "e.json")] + opts
+        )
+        == 0
+    )
+    exported = [
+        "--exported",
+        str(path),
+        "--output",
+        str(tmp_path / "x"),
+        "--json-out",
+        str(tmp_path / "x.json"),
+    ]
+    assert demo.main(base + exported + ["--opts", *TINY]) == 0
+    eager = json.loads((tmp_path / "e.json").read_text())
+    onnx = json.loads((tmp_path / "x.json").read_text())
+    assert eager and len(onnx) == len(eager)
+    key = lambda r: (r["image_id"], r["category_id"], round(r["score"], 4))  # noqa: E731
+    for a, b in zip(sorted(eager, key=key), sorted(onnx, key=key)):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["score"] == pytest.approx(b["score"], abs=SCORE_TOL)
+        assert np.allclose(a["bbox"], b["bbox"], atol=BOX_TOL * 2)  # XYWH: w, h differ by two
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == sorted(
+        p.name for p in (tmp_path / "e").iterdir()
+    )

@@ -42,6 +42,7 @@ from detectron2.utils.visualizer import Visualizer
 
 import musu
 from musu.data import register_coco_dataset
+from musu.export import ExportedModel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -134,6 +135,12 @@ def argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-frames", type=int, help="stop a video or webcam after N frames")
     parser.add_argument(
+        "--exported",
+        metavar="FILE",
+        help="run this .onnx (ONNX Runtime) or .ts (TorchScript) file from tools/export_model.py "
+        "instead of the PyTorch model; --config-file is the config it was exported from",
+    )
+    parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER, help="config KEY VALUE pairs"
     )
     return parser
@@ -159,14 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.progress_every < 1:
         parser.error(f"--progress-every must be >= 1, got {args.progress_every}")
     cfg = musu.build_config(args.config_file, args.opts)
-    if not cfg.MODEL.WEIGHTS:
+    if not cfg.MODEL.WEIGHTS and not args.exported:
         parser.error(
-            "no weights: pass --opts MODEL.WEIGHTS path/to/model_final.pth (or musu://name)"
+            "no weights: pass --opts MODEL.WEIGHTS path/to/model_final.pth (or musu://name), "
+            "or --exported FILE"
         )
     metadata, image_ids = _metadata_source(args, cfg)
-    predictor = DefaultPredictor(cfg)
+    if args.exported:
+        exported = ExportedModel(args.exported, cfg)
+        detect = exported
+        num_classes = cfg.MODEL.MUSU.NUM_CLASSES if "MUSU" in cfg.MODEL else None
+    else:
+        predictor = DefaultPredictor(cfg)
+        detect = lambda image: predictor(image)["instances"]  # noqa: E731
+        num_classes = getattr(predictor.model, "num_classes", None)
     names = metadata.get("thing_classes", None)
-    num_classes = getattr(predictor.model, "num_classes", None)
     if names is not None and num_classes is not None and len(names) != num_classes:
         raise ValueError(
             f"the model predicts {num_classes} classes but {metadata.name!r} names {len(names)} "
@@ -179,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     def predict(image: np.ndarray) -> tuple[Instances, np.ndarray]:
-        instances = predictor(image)["instances"].to("cpu")
+        instances = detect(image).to("cpu")
         instances = instances[instances.scores >= args.confidence_threshold]
         drawn = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(instances)
         return instances, drawn.get_image()[:, :, ::-1]
