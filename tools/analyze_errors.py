@@ -27,13 +27,13 @@ import os
 import sys
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog, build_detection_test_loader
+from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 import musu
-from musu.data import ensure_dataset, register_coco_dataset
+from musu.data import add_register_coco_argument, ensure_dataset, register_coco_datasets
 from musu.evaluation import (
     confusion_matrix,
     errors_markdown,
@@ -52,13 +52,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gt-json", metavar="FILE", help="COCO ground truth of --results")
     parser.add_argument("--dataset", metavar="NAME", help="registered or built-in dataset")
     parser.add_argument("--config-file", metavar="FILE", help="run this model on --dataset")
-    parser.add_argument(
-        "--register-coco",
-        nargs=3,
-        action="append",
-        metavar=("NAME", "JSON_FILE", "IMAGE_ROOT"),
-        help="register a COCO-format dataset (repeatable)",
-    )
+    add_register_coco_argument(parser, help="register a COCO-format dataset (repeatable)")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the outputs")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="default 0.3")
     parser.add_argument("--iou-threshold", type=float, default=0.5, help="default 0.5")
@@ -91,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.results and not (args.gt_json or args.dataset):
         parser.error("--results needs its ground truth: --gt-json FILE or --dataset NAME")
     setup_logger(name="detectron2")  # inference_on_dataset's progress lines
-    for name, json_file, image_root in args.register_coco or []:
-        if name not in DatasetCatalog.list():
-            register_coco_dataset(name, json_file, image_root)
+    register_coco_datasets(args.register_coco)
     os.makedirs(args.output, exist_ok=True)
     gt_json = args.gt_json or ensure_dataset(args.dataset)[0]
     results = args.results or run_model(args.config_file, args.opts, args.dataset, args.output)

@@ -31,7 +31,7 @@ from detectron2.data.detection_utils import convert_image_to_rgb, read_image
 from detectron2.utils.visualizer import Visualizer
 
 import musu
-from musu.data import register_coco_dataset
+from musu.data import add_register_coco_argument, register_coco_datasets
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -40,13 +40,7 @@ def argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config-file", required=True, metavar="FILE", help="musu/project config")
     parser.add_argument("--dataset", metavar="NAME", help="default: DATASETS.TRAIN[0]")
-    parser.add_argument(
-        "--register-coco",
-        nargs=3,
-        action="append",
-        metavar=("NAME", "JSON_FILE", "IMAGE_ROOT"),
-        help="register a COCO-format dataset (repeatable)",
-    )
+    add_register_coco_argument(parser, help="register a COCO-format dataset (repeatable)")
     parser.add_argument("--source", choices=["annotation", "dataloader", "both"], default="both")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the pictures")
     parser.add_argument("--num-images", type=int, default=20, help="per source (default 20)")
@@ -114,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_images < 1 or args.progress_every < 1:
         parser.error("--num-images and --progress-every must be >= 1")
-    for name, json_file, image_root in args.register_coco or []:
-        if name not in DatasetCatalog.list():
-            register_coco_dataset(name, json_file, image_root)
+    register_coco_datasets(args.register_coco)
     cfg = musu.build_config(args.config_file, args.opts)
     dataset = args.dataset or (cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None)
     if dataset is None:

@@ -45,7 +45,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, inference_on
 from torch import nn
 
 import musu
-from musu.data import register_coco_dataset
+from musu.data import register_coco_datasets
 from musu.engine import train_seconds_per_iter
 from musu.engine.amp import autocast_context, resolve_autocast
 from musu.evaluation import PRE_NMS_OPTS, ConsistencyEvaluator
@@ -257,9 +257,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
-    for name, json_file, image_root in args.register:
-        if name not in DatasetCatalog.list():  # already registered in this process: keep it
-            register_coco_dataset(name, json_file, image_root)
+    register_coco_datasets(args.register)
     opts = dataset_opts(args.dataset) + list(args.opts)
     if args.max_iter > 0:
         opts += ["SOLVER.MAX_ITER", str(args.max_iter)]

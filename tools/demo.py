@@ -41,7 +41,7 @@ from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 
 import musu
-from musu.data import register_coco_dataset
+from musu.data import add_register_coco_argument, register_coco_datasets
 from musu.export import ExportedModel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -113,12 +113,8 @@ def argument_parser() -> argparse.ArgumentParser:
     source.add_argument("--webcam", action="store_true", help="camera 0 (OpenCV)")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for drawn output")
     parser.add_argument("--json-out", metavar="FILE", help="write COCO-format detections here")
-    parser.add_argument(
-        "--register-coco",
-        nargs=3,
-        action="append",
-        metavar=("NAME", "JSON_FILE", "IMAGE_ROOT"),
-        help="register a COCO-format dataset; the first one gives the class names and ids",
+    add_register_coco_argument(
+        parser, help="register a COCO-format dataset; the first one gives the class names and ids"
     )
     parser.add_argument(
         "--confidence-threshold",
@@ -150,9 +146,7 @@ def _metadata_source(args, cfg) -> tuple[Any, dict[str, int]]:
     """Metadata for class names, and file name -> image id of the first registered dataset."""
     ids: dict[str, int] = {}
     if args.register_coco:
-        for name, json_file, image_root in args.register_coco:
-            if name not in DatasetCatalog.list():
-                register_coco_dataset(name, json_file, image_root)
+        register_coco_datasets(args.register_coco)
         name = args.register_coco[0][0]
         for record in DatasetCatalog.get(name):  # also fills thing_classes from the JSON
             ids[os.path.basename(record["file_name"])] = record["image_id"]

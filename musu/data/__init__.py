@@ -6,6 +6,7 @@ Built-in names: ``musu_synthetic_train``, ``musu_synthetic_val`` (generated on f
 """
 
 from . import synthetic
+from .cli import add_register_coco_argument, register_coco_datasets
 from .datasets import (
     BCCD_CLASSES,
     BUILTIN_DATASETS,
@@ -16,6 +17,8 @@ from .datasets import (
 )
 
 __all__ = [
+    "add_register_coco_argument",
+    "register_coco_datasets",
     "BCCD_CLASSES",
     "BUILTIN_DATASETS",
     "datasets_root",
