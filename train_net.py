@@ -19,6 +19,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import sys
+import weakref
 
 import torch
 from detectron2.config import CfgNode
@@ -27,13 +30,32 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import (
+    DefaultTrainer,
+    TrainerBase,
+    default_argument_parser,
+    default_setup,
+    launch,
+)
 from detectron2.engine.hooks import HookBase
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch.multiprocessing import ProcessExitedException
 
 import musu
 from musu.data import register_coco_dataset
-from musu.engine import AtomicCheckpointer, check_dataset_classes
+from musu.engine import (
+    PREEMPTION_SIGNALS,
+    AtomicCheckpointer,
+    Preempted,
+    PreemptionHook,
+    check_dataset_classes,
+    create_ddp_model,
+    forward_signals_to_children,
+    limit_cpu_threads_per_process,
+    preemption_exit_code,
+)
 from musu.engine.amp import (
     apply_memory_format,
     autocast_context,
@@ -43,6 +65,8 @@ from musu.engine.amp import (
 
 logger = logging.getLogger("musu.train_net")
 
+PREEMPTION_EXIT_CODES = {preemption_exit_code(signum) for signum in PREEMPTION_SIGNALS}
+
 
 class Trainer(DefaultTrainer):
     """Detectron2's DefaultTrainer with COCO evaluation of every test dataset, atomic
@@ -51,19 +75,29 @@ class Trainer(DefaultTrainer):
     on CPU as on CUDA (:mod:`musu.engine.amp`: ``SOLVER.AMP``, ``TEST.AMP``,
     ``MODEL.CHANNELS_LAST``)."""
 
-    def __init__(self, cfg: CfgNode):
-        # DefaultTrainer builds AMPTrainer (CUDA only) when SOLVER.AMP.ENABLED: build it with
-        # float32, then replace its loop by the one for this device (musu.engine.amp).
-        float32_cfg = cfg.clone()
-        float32_cfg.defrost()
-        float32_cfg.SOLVER.AMP.ENABLED = False
-        float32_cfg.freeze()
-        super().__init__(float32_cfg)
-        self.cfg.defrost()  # DefaultTrainer keeps float32_cfg, possibly rescaled by world size
-        self.cfg.SOLVER.AMP.ENABLED = cfg.SOLVER.AMP.ENABLED
-        self.cfg.freeze()
-        loop = self._trainer
-        self._trainer = build_train_loop(self.cfg, loop.model, loop.data_loader, loop.optimizer)
+    def __init__(self, cfg: CfgNode, resume_hint: str = ""):
+        """``resume_hint`` ends the message printed when a signal stops training."""
+        # DefaultTrainer.__init__, except for two choices: the model is wrapped by
+        # musu.engine.create_ddp_model (DDP also for CPU models, where Detectron2's device_ids
+        # fail) and the loop is musu.engine.amp's for this device (Detectron2's AMPTrainer is
+        # CUDA only).
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = build_train_loop(cfg, model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+        # Last, so that the iteration's checkpoint, evaluation and metrics come first.
+        self.register_hooks([PreemptionHook(self.checkpointer, resume_hint=resume_hint)])
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
@@ -126,17 +160,25 @@ def register_datasets(args) -> None:
 
 
 def main(args):
+    """Train, or evaluate with ``--eval-only``, in this process (one of ``launch``'s workers).
+    Training stopped by SIGTERM / SIGINT exits with status ``128 + signal`` after its checkpoint
+    (:class:`musu.engine.PreemptionHook`)."""
     register_datasets(args)
     cfg = setup(args)
+    limit_cpu_threads_per_process()
     if args.eval_only:
         model = Trainer.build_model(cfg)
         AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, resume_hint=getattr(args, "resume_command", ""))
     trainer.resume_or_load(resume=args.resume)
-    trainer.train()
+    try:
+        trainer.train()
+    except Preempted as stopped:
+        logger.warning(stopped.message)
+        raise SystemExit(stopped.exit_code) from None
     return getattr(trainer, "_last_eval_results", None)  # set by the final evaluation, if any
 
 
@@ -153,30 +195,35 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_launch_args(args) -> None:
-    """Fail early, with the reason, where Detectron2 would fail late and obscurely: its
-    DefaultTrainer wraps the model in DistributedDataParallel with ``device_ids=[local_rank]``,
-    which DDP rejects for a CPU model, so ``--num-gpus N > 1`` needs CUDA devices."""
-    if args.num_gpus > 1 and not args.eval_only and not torch.cuda.is_available():
-        raise ValueError(
-            f"--num-gpus {args.num_gpus} needs CUDA, which is not available: Detectron2's "
-            "DefaultTrainer cannot train a CPU model in several processes (DDP rejects its "
-            "device_ids on CPU). Use --num-gpus 1 on CPU."
-        )
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues the run of ``argv`` (``sys.argv``): ``--resume`` added
+    before the ``KEY VALUE`` options (argparse gives everything after them to ``opts``)."""
+    if "--resume" in argv:
+        return shlex.join(["python", *argv])
+    return shlex.join(["python", argv[0], "--resume", *argv[1:]])
 
 
 def invoke_main() -> None:
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    check_launch_args(args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    args.resume_command = resume_command(sys.argv)
+    # The launcher waits for its workers: a signal sent to it is passed on to them, and they
+    # stop after a checkpoint (musu.engine.PreemptionHook).
+    with forward_signals_to_children():
+        try:
+            launch(
+                main,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+            )
+        except ProcessExitedException as stopped:
+            if stopped.exit_code not in PREEMPTION_EXIT_CODES:
+                raise
+            print(f"Training stopped by a signal; continue with: {args.resume_command}")
+            sys.exit(stopped.exit_code)
 
 
 if __name__ == "__main__":
