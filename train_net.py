@@ -63,7 +63,8 @@ from musu.engine.amp import (
     resolve_autocast,
 )
 
-logger = logging.getLogger("musu.train_net")
+# A child of "detectron2": default_setup gives it the console and OUTPUT_DIR/log.txt[.rankN].
+logger = logging.getLogger("detectron2.musu.train_net")
 
 PREEMPTION_EXIT_CODES = {preemption_exit_code(signum) for signum in PREEMPTION_SIGNALS}
 
