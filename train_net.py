@@ -4,14 +4,21 @@
 python train_net.py --config-file configs/Synthetic/musu_R_18_FPN_synthetic.yaml
 python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <path or musu://name>
 python train_net.py --config-file <cfg> --resume          # continue from the last checkpoint
-python train_net.py --config-file <cfg> --num-gpus 8      # multi-GPU through launch()
+python train_net.py --config-file <cfg> --num-gpus 8      # 8 processes through launch() (GPUs,
+                                                          # or CPU processes with gloo)
+python train_net.py --config-file <cfg> --num-machines 2 --machine-rank 0 \
+    --dist-url tcp://HOST0:PORT                           # one of 2 machines (rank 1 on the other)
+python train_net.py --config-file <cfg> --check-data      # decode every image first, list bad ones
 python train_net.py --config-file <cfg> --register-coco my_train ann.json images/ \
     DATASETS.TRAIN "('my_train',)"                          # your own COCO-format data
 
 Robustness: checkpoints and ``last_checkpoint`` are written atomically (a run killed at any moment
 resumes from its last complete checkpoint with ``--resume``); the training data's class indices
 are checked against ``MODEL.MUSU.NUM_CLASSES`` before the first step; unknown config keys and
-invalid ``MODEL.MUSU`` values fail in ``setup`` naming the key.
+invalid ``MODEL.MUSU`` values fail in ``setup`` naming the key; missing image files are listed
+before training or evaluation starts, and an image that fails to load names its file and dataset.
+SIGTERM / SIGINT stop training after the current iteration with a checkpoint and exit with status
+128 + signal, printing the command that resumes (:class:`musu.engine.PreemptionHook`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import (
     DatasetCatalog,
+    DatasetMapper,
+    build_detection_test_loader,
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
@@ -44,7 +53,13 @@ from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
 
 import musu
-from musu.data import register_coco_dataset
+from musu.data import (
+    NamingMapper,
+    UnreadableImageError,
+    check_image_files,
+    find_unreadable_images,
+    register_coco_dataset,
+)
 from musu.engine import (
     PREEMPTION_SIGNALS,
     AtomicCheckpointer,
@@ -125,7 +140,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
-        """Detectron2's train loader, after checking every annotation's class index."""
+        """Detectron2's train loader, after checking every annotation's class index and that
+        every image file exists; an image that fails to load names its file and dataset."""
         dicts = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
@@ -134,7 +150,18 @@ class Trainer(DefaultTrainer):
         )
         if "MUSU" in cfg.MODEL:  # MuSu and the detectors that share MODEL.MUSU.NUM_CLASSES
             check_dataset_classes(dicts, cfg.MODEL.MUSU.NUM_CLASSES, cfg.DATASETS.TRAIN)
-        return build_detection_train_loader(cfg, dataset=dicts)
+        check_image_files(dicts, cfg.DATASETS.TRAIN)
+        mapper = NamingMapper(DatasetMapper(cfg, is_train=True), cfg.DATASETS.TRAIN)
+        return build_detection_train_loader(cfg, dataset=dicts, mapper=mapper)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        """Detectron2's test loader, after checking that every image file exists; an image that
+        fails to load names its file and dataset."""
+        dicts = DatasetCatalog.get(dataset_name)
+        check_image_files(dicts, [dataset_name])
+        mapper = NamingMapper(DatasetMapper(cfg, is_train=False), [dataset_name])
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
     def build_evaluator(
@@ -148,6 +175,8 @@ class Trainer(DefaultTrainer):
 def setup(args) -> CfgNode:
     """:func:`musu.build_config` of ``--config-file`` and the command-line opts (frozen,
     validated), then Detectron2's ``default_setup`` (output folder, logging, seeds)."""
+    if not args.config_file:
+        raise ValueError("--config-file is required (e.g. configs/Synthetic/*.yaml)")
     cfg = musu.build_config(args.config_file, args.opts)
     default_setup(cfg, args)
     return cfg
@@ -160,6 +189,21 @@ def register_datasets(args) -> None:
             register_coco_dataset(name, json_file, image_root)
 
 
+def check_data(cfg: CfgNode) -> None:
+    """Decode every image of ``DATASETS.TRAIN`` and ``DATASETS.TEST`` (``--check-data``); raise
+    ``UnreadableImageError`` listing every file that is missing or cannot be decoded."""
+    problems = []
+    for name in dict.fromkeys([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]):
+        records = DatasetCatalog.get(name)
+        bad = find_unreadable_images(records, cfg.INPUT.FORMAT)
+        logger.info("--check-data: %s: %d image(s), %d bad", name, len(records), len(bad))
+        problems += [f"{name}: {file_name}: {reason}" for file_name, reason in bad]
+    if problems:
+        raise UnreadableImageError(
+            f"--check-data: {len(problems)} image(s) cannot be read:\n  " + "\n  ".join(problems)
+        )
+
+
 def main(args):
     """Train, or evaluate with ``--eval-only``, in this process (one of ``launch``'s workers).
     Training stopped by SIGTERM / SIGINT exits with status ``128 + signal`` after its checkpoint
@@ -167,6 +211,8 @@ def main(args):
     register_datasets(args)
     cfg = setup(args)
     limit_cpu_threads_per_process()
+    if getattr(args, "check_data", False):
+        check_data(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
@@ -184,7 +230,7 @@ def main(args):
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    """Detectron2's argument parser plus ``--register-coco``."""
+    """Detectron2's argument parser plus ``--register-coco`` and ``--check-data``."""
     parser = default_argument_parser()
     parser.add_argument(
         "--register-coco",
@@ -192,6 +238,12 @@ def argument_parser() -> argparse.ArgumentParser:
         action="append",
         metavar=("NAME", "JSON_FILE", "IMAGE_ROOT"),
         help="register a COCO-format dataset under NAME before training (repeatable)",
+    )
+    parser.add_argument(
+        "--check-data",
+        action="store_true",
+        help="decode every image of DATASETS.TRAIN and DATASETS.TEST first and list all that "
+        "cannot be read (costs one full decode of each dataset)",
     )
     return parser
 
