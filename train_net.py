@@ -215,9 +215,14 @@ def main(args):
         check_data(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        # Evaluation needs every weight of the model from the file (require_weights="all").
+        checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, require_weights="all")
+        if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
+            raise ValueError(
+                "--eval-only needs weights: set MODEL.WEIGHTS (a file or musu://name), or use "
+                f"--resume with a last_checkpoint in OUTPUT_DIR ({cfg.OUTPUT_DIR})"
+            )
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg, resume_hint=getattr(args, "resume_command", ""))
     trainer.resume_or_load(resume=args.resume)

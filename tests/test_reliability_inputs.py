@@ -2,8 +2,9 @@
 
 * An image that cannot be decoded (truncated, not an image) fails training and evaluation with an
   error naming the file and the dataset; ``--check-data`` lists every bad file before training.
-* A dataset JSON that names missing image files, an empty dataset, a missing config file: a clear
-  error before the first step, and the checkpoints already in ``OUTPUT_DIR`` are left untouched.
+* A dataset JSON that names missing image files, an empty dataset, a missing config file, weights
+  of another architecture (training) or another class count (evaluation): a clear error before
+  the first step, and the checkpoints already in ``OUTPUT_DIR`` are left untouched.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
 
+import musu
 from musu.data import UnreadableImageError, register_coco_dataset
 from musu.data.synthetic import ensure_split
+from musu.engine import AtomicCheckpointer
 
 import train_net  # the root script (conftest.py puts the root on sys.path)
 
@@ -134,8 +139,9 @@ def test_missing_image_files_are_listed_before_training_and_evaluation(tmp_path:
     assert "'inputs_missing'" in message and "2 image file(s)" in message
     assert "000001.jpg" in message and "000002.jpg" in message
     _assert_unchanged(output_dir, files)
-    with pytest.raises(FileNotFoundError, match="000001.jpg"):
-        train_net.main(_args(output_dir, "inputs_missing", "--eval-only"))
+    cfg = train_net.setup(_args(tmp_path / "eval", "inputs_missing", "--eval-only"))
+    with pytest.raises(FileNotFoundError, match="(?s)'inputs_missing'.*000001.jpg"):
+        train_net.Trainer.build_test_loader(cfg, "inputs_missing")
     _assert_unchanged(output_dir, files)
 
 
@@ -152,4 +158,37 @@ def test_empty_dataset_and_missing_config_fail_naming_them(tmp_path: Path) -> No
         train_net.main(_args(output_dir, "inputs_empty", config=missing))
     with pytest.raises(ValueError, match="--config-file is required"):
         train_net.main(_args(output_dir, "inputs_empty", config=""))
+    _assert_unchanged(output_dir, files)
+
+
+def test_weights_of_another_class_count_or_architecture_fail_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    _dataset(tmp_path, "inputs_weights")
+    three_classes = build_model(
+        musu.build_config(CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.MUSU.NUM_CLASSES", "3"])
+    )
+    AtomicCheckpointer(three_classes, str(tmp_path)).save("three_classes")
+    other = {"model": {"layer.weight": torch.zeros(2, 2), "layer.bias": torch.zeros(2)}}
+    torch.save(other, tmp_path / "other_architecture.pth")
+    output_dir = tmp_path / "out"
+    files = _existing_run(output_dir)
+
+    # Evaluation needs all of the model's weights: 3-class weights for a 5-class model fail.
+    weights = ["MODEL.WEIGHTS", str(tmp_path / "three_classes.pth")]
+    args = _args(output_dir, "inputs_weights", "--eval-only")
+    args.opts += weights
+    with pytest.raises(ValueError) as raised:
+        train_net.main(args)
+    message = str(raised.value)
+    assert "three_classes.pth" in message and "head.cls_score" in message
+    assert "MODEL.MUSU.NUM_CLASSES" in message
+    with pytest.raises(ValueError, match="--eval-only needs weights"):
+        train_net.main(_args(output_dir / "empty", "inputs_weights", "--eval-only"))
+
+    # Training accepts partly fitting weights (fine-tuning) but not weights that fit nothing.
+    args = _args(output_dir, "inputs_weights")
+    args.opts += ["MODEL.WEIGHTS", str(tmp_path / "other_architecture.pth")]
+    with pytest.raises(ValueError, match=r"other_architecture\.pth fill none of the model"):
+        train_net.main(args)
     _assert_unchanged(output_dir, files)
