@@ -24,6 +24,7 @@ SIGTERM / SIGINT stop training after the current iteration with a checkpoint and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -65,6 +66,7 @@ from musu.engine import (
     AtomicCheckpointer,
     Preempted,
     PreemptionHook,
+    SignalShieldedMapper,
     check_dataset_classes,
     create_ddp_model,
     forward_signals_to_children,
@@ -115,6 +117,15 @@ class Trainer(DefaultTrainer):
         # Last, so that the iteration's checkpoint, evaluation and metrics come first.
         self.register_hooks([PreemptionHook(self.checkpointer, resume_hint=resume_hint)])
 
+    def train(self):
+        """Detectron2's training; then (also when stopped) the data loader's worker processes are
+        shut down, as they ignore SIGTERM / SIGINT (``SignalShieldedMapper``) and would otherwise
+        block the interpreter's exit."""
+        try:
+            return super().train()
+        finally:
+            self._trainer.reset_data_loader(lambda: None)
+
     @classmethod
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
         return apply_memory_format(super().build_model(cfg), cfg)
@@ -152,6 +163,7 @@ class Trainer(DefaultTrainer):
             check_dataset_classes(dicts, cfg.MODEL.MUSU.NUM_CLASSES, cfg.DATASETS.TRAIN)
         check_image_files(dicts, cfg.DATASETS.TRAIN)
         mapper = NamingMapper(DatasetMapper(cfg, is_train=True), cfg.DATASETS.TRAIN)
+        mapper = SignalShieldedMapper(mapper)  # workers outlive a SIGTERM to the process group
         return build_detection_train_loader(cfg, dataset=dicts, mapper=mapper)
 
     @classmethod
@@ -160,7 +172,7 @@ class Trainer(DefaultTrainer):
         fails to load names its file and dataset."""
         dicts = DatasetCatalog.get(dataset_name)
         check_image_files(dicts, [dataset_name])
-        mapper = NamingMapper(DatasetMapper(cfg, is_train=False), [dataset_name])
+        mapper = SignalShieldedMapper(NamingMapper(DatasetMapper(cfg, False), [dataset_name]))
         return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
@@ -265,9 +277,11 @@ def invoke_main() -> None:
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
     args.resume_command = resume_command(sys.argv)
-    # The launcher waits for its workers: a signal sent to it is passed on to them, and they
-    # stop after a checkpoint (musu.engine.PreemptionHook).
-    with forward_signals_to_children():
+    # With several processes, the launcher waits for its workers: a signal sent to it is passed
+    # on to them, and they stop after a checkpoint (musu.engine.PreemptionHook). With one, main
+    # runs in this process and the hook handles the signals itself.
+    several = args.num_gpus * args.num_machines > 1
+    with forward_signals_to_children() if several else contextlib.nullcontext():
         try:
             launch(
                 main,

@@ -200,13 +200,16 @@ def _wait_for_checkpoint(output_dir: Path, process: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("processes, to_group", [(1, False), (2, True)])
 def test_sigterm_to_train_net_exits_143_with_a_checkpoint_and_the_resume_command(
-    split: list[str], tmp_path: Path, processes: int
+    split: list[str], tmp_path: Path, processes: int, to_group: bool
 ) -> None:
+    """SIGTERM to the launcher only (1 process), or to the whole process group as a cluster does
+    (2 processes, each with a data loader worker): all stop, and no process is left behind."""
     output_dir = tmp_path / "run"
     launch = ["--num-gpus", str(processes), "--dist-url", "auto"]
     argv = [*launch, *split, *_argv(output_dir, max_iter=10_000, period=4)]
+    argv += ["DATALOADER.NUM_WORKERS", "1"]
     process = subprocess.Popen(
         [sys.executable, str(REPO / "train_net.py"), *argv],
         cwd=tmp_path,
@@ -214,15 +217,32 @@ def test_sigterm_to_train_net_exits_143_with_a_checkpoint_and_the_resume_command
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group
     )
     try:
         _wait_for_checkpoint(output_dir, process)  # iteration 3 finished
         time.sleep(random.uniform(0.0, 0.5))
-        process.send_signal(signal.SIGTERM)
+        if to_group:
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=300)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the workers of the workers exit too
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("processes of the stopped run are still alive")
     finally:
         if process.poll() is None:
             process.kill()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert process.returncode == 128 + signal.SIGTERM, output[-4000:]
     tagged = _assert_checkpoints_loadable(output_dir)
     iteration = _load(tagged)["iteration"]

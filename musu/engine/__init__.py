@@ -19,6 +19,7 @@ from .preemption import (
     PREEMPTION_SIGNALS,
     Preempted,
     PreemptionHook,
+    SignalShieldedMapper,
     forward_signals_to_children,
     preemption_exit_code,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "PREEMPTION_SIGNALS",
     "Preempted",
     "PreemptionHook",
+    "SignalShieldedMapper",
     "atomic_write",
     "check_dataset_classes",
     "create_ddp_model",

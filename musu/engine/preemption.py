@@ -11,7 +11,9 @@ one of them got the signal. A second signal while stopping is logged and otherwi
 (``SIGKILL`` stops at once; atomic checkpoint writes keep the files loadable).
 
 :func:`forward_signals_to_children` is for the launcher process of ``launch``: it passes SIGTERM
-and SIGINT on to the worker processes and lets them finish.
+and SIGINT on to the worker processes and lets them finish. :class:`SignalShieldedMapper` makes
+data loader workers ignore the signals (PyTorch's workers die on SIGTERM, which would crash the
+training process at its next batch when a cluster signals the whole process group).
 """
 
 from __future__ import annotations
@@ -23,18 +25,20 @@ import os
 import signal
 import threading
 from types import FrameType
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 from fvcore.common.checkpoint import Checkpointer
+from torch.utils.data import get_worker_info
 
 __all__ = [
     "PREEMPTION_SIGNALS",
     "Preempted",
     "PreemptionHook",
+    "SignalShieldedMapper",
     "forward_signals_to_children",
     "preemption_exit_code",
 ]
@@ -194,3 +198,25 @@ def forward_signals_to_children(
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+class SignalShieldedMapper:
+    """``mapper(record)``; in a data loader worker process, ``signals`` are ignored from the first
+    record on, so that a signal sent to the whole process group (a cluster stopping the job,
+    Ctrl-C) leaves the workers alive for the training process to finish its iteration; they exit
+    when it shuts its loader down (or when it dies). In the training process itself
+    (``NUM_WORKERS`` 0) nothing changes. Picklable."""
+
+    def __init__(
+        self, mapper: Callable[[Any], Any], signals: Sequence[int] = PREEMPTION_SIGNALS
+    ) -> None:
+        self.mapper = mapper
+        self.signals = tuple(signals)
+        self._shielded_pid = 0
+
+    def __call__(self, record: Any) -> Any:
+        if self._shielded_pid != os.getpid() and get_worker_info() is not None:
+            for signum in self.signals:
+                signal.signal(signum, signal.SIG_IGN)
+            self._shielded_pid = os.getpid()
+        return self.mapper(record)
