@@ -91,7 +91,10 @@ class Trainer(DefaultTrainer):
     checkpoints (:class:`musu.engine.AtomicCheckpointer`), a start-up check of the training
     data's class indices against ``MODEL.MUSU.NUM_CLASSES``, and mixed precision / channels-last
     on CPU as on CUDA (:mod:`musu.engine.amp`: ``SOLVER.AMP``, ``TEST.AMP``,
-    ``MODEL.CHANNELS_LAST``)."""
+    ``MODEL.CHANNELS_LAST``), several processes on CPU as on CUDA
+    (:func:`musu.engine.create_ddp_model`), a checkpoint and a clean stop on SIGTERM / SIGINT
+    (:class:`musu.engine.PreemptionHook`), and images that fail to load named with their
+    dataset (:class:`musu.data.NamingMapper`)."""
 
     def __init__(self, cfg: CfgNode, resume_hint: str = ""):
         """``resume_hint`` ends the message printed when a signal stops training."""
