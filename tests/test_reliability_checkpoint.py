@@ -28,11 +28,14 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import hooks
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
+from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
 
 import musu
 from musu.data.synthetic import ensure_split
 from musu.engine import AtomicCheckpointer
 from musu.engine import checkpoint as checkpoint_module
+from musu.engine import create_ddp_model
 
 import train_net  # the root script (conftest.py puts the root on sys.path)
 
@@ -267,12 +270,23 @@ def test_bad_config_fails_in_setup_naming_the_key(
     assert not (tmp_path / "out").exists()  # failed before default_setup wrote anything
 
 
-def test_multi_process_training_on_cpu_fails_early_with_the_reason(monkeypatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    args = train_net.argument_parser().parse_args(["--num-gpus", "2"])
-    with pytest.raises(ValueError, match="--num-gpus 2 needs CUDA"):
-        train_net.check_launch_args(args)
-    train_net.check_launch_args(train_net.argument_parser().parse_args(["--num-gpus", "1"]))
+def test_cpu_model_is_wrapped_in_ddp_without_device_ids(tmp_path: Path, monkeypatch) -> None:
+    """What lets ``train_net.py --num-gpus N`` train on CPU: DDP without ``device_ids`` (a
+    1-process gloo group stands in for N processes here; the N-process run is in
+    tests/test_multiprocess.py)."""
+    model = torch.nn.Linear(3, 2)
+    assert create_ddp_model(model) is model  # 1 process: no wrapper
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1
+    )
+    try:
+        monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+        wrapped = create_ddp_model(model, broadcast_buffers=False)
+        assert isinstance(wrapped, DistributedDataParallel) and wrapped.device_ids is None
+        wrapped(torch.ones(4, 3)).sum().backward()
+        assert model.weight.grad is not None
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_unknown_key_in_config_file_fails_naming_the_key(tmp_path: Path) -> None:

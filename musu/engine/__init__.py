@@ -5,17 +5,37 @@
   ``os.replace``); every file musu writes in place goes through :func:`atomic_write`.
 * :func:`check_dataset_classes`: raises before training when a dataset holds a class index that
   the model's ``NUM_CLASSES`` cannot represent, naming the file and the annotation.
+* :func:`create_ddp_model`: DDP for CUDA models as Detectron2 does and for CPU models (gloo).
+* :class:`PreemptionHook`: SIGTERM / SIGINT stop training after the current iteration with a
+  checkpoint (:class:`Preempted`); :func:`forward_signals_to_children` for ``launch``'s parent.
 * :func:`read_metrics_json` / :func:`train_seconds_per_iter`: a run's Detectron2 ``metrics.json``.
 """
 
 from .checkpoint import AtomicCheckpointer, atomic_write
 from .data_checks import check_dataset_classes
+from .distributed import create_ddp_model, limit_cpu_threads_per_process
 from .metrics import read_metrics_json, train_seconds_per_iter
+from .preemption import (
+    PREEMPTION_SIGNALS,
+    Preempted,
+    PreemptionHook,
+    SignalShieldedMapper,
+    forward_signals_to_children,
+    preemption_exit_code,
+)
 
 __all__ = [
     "AtomicCheckpointer",
+    "PREEMPTION_SIGNALS",
+    "Preempted",
+    "PreemptionHook",
+    "SignalShieldedMapper",
     "atomic_write",
     "check_dataset_classes",
+    "create_ddp_model",
+    "forward_signals_to_children",
+    "limit_cpu_threads_per_process",
+    "preemption_exit_code",
     "read_metrics_json",
     "train_seconds_per_iter",
 ]

@@ -77,13 +77,65 @@ class AtomicCheckpointer(DetectionCheckpointer):
     process, construction removes temporary files left behind by a writer that was killed.
     """
 
-    def __init__(self, model: torch.nn.Module, save_dir: str = "", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        save_dir: str = "",
+        *,
+        require_weights: str = "some",
+        **kwargs: Any,
+    ) -> None:
+        if require_weights not in ("some", "all"):
+            raise ValueError(f"require_weights must be 'some' or 'all', got {require_weights!r}")
         super().__init__(model, save_dir, **kwargs)
+        self.require_weights = require_weights
+        self._incompatible: Any = None
         if self._is_local() and self.save_to_disk:
             for stale in Path(self.save_dir).glob(f".*{TMP_SUFFIX}"):
                 logger.warning("Removing %s, left by an interrupted checkpoint write", stale)
                 with contextlib.suppress(FileNotFoundError):
                     stale.unlink()
+
+    def _load_model(self, checkpoint: Any) -> Any:
+        self._incompatible = super()._load_model(checkpoint)
+        return self._incompatible
+
+    def load(self, path: str, checkpointables: Any = None) -> dict[str, Any]:
+        """fvcore's ``load``, then a check of how much of the model the file filled:
+        ``ValueError`` naming the file if none of the model's parameters were loaded
+        (weights of another architecture), or, with ``require_weights="all"`` (evaluation), if
+        any was missing or had another shape (e.g. another number of classes)."""
+        self._incompatible = None
+        extra = super().load(path, checkpointables)
+        if path and self._incompatible is not None:
+            self._check_loaded(path, self._incompatible)
+        return extra
+
+    def _check_loaded(self, path: str, incompatible: Any) -> None:
+        missing = set(incompatible.missing_keys)
+        parameters = {name for name, _ in self.model.named_parameters()}
+        shapes = {key: (theirs, ours) for key, theirs, ours in incompatible.incorrect_shapes}
+        if parameters and parameters <= missing:
+            raise ValueError(
+                f"Weights {path} fill none of the model's {len(parameters)} parameters (no name "
+                f"with a matching shape): weights of another architecture? "
+                f"Mismatched shapes: {len(shapes)}, e.g. "
+                f"{dict(list(shapes.items())[:3]) or '-'}; check MODEL.WEIGHTS and the config."
+            )
+        if self.require_weights == "all" and missing:
+            examples = [
+                (
+                    f"{key} (file {list(shapes[key][0])}, model {list(shapes[key][1])})"
+                    if key in shapes
+                    else f"{key} (absent)"
+                )
+                for key in sorted(missing)[:5]
+            ]
+            raise ValueError(
+                f"Weights {path} do not fit the model: {len(missing)} parameter(s)/buffer(s) "
+                f"missing or of another shape, e.g. {'; '.join(examples)}. Another number of "
+                "classes (MODEL.MUSU.NUM_CLASSES) or anchors, or another architecture?"
+            )
 
     def _is_local(self) -> bool:
         return bool(self.save_dir) and "://" not in self.save_dir
