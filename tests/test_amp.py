@@ -14,15 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog
 from detectron2.engine import SimpleTrainer, default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import musu
-from musu.data import register_coco_dataset
-from musu.data.synthetic import ensure_split
+from musu.data import register_synthetic_split
 from musu.engine import AtomicCheckpointer, amp
 
 import train_net  # the root script (conftest.py puts the root on sys.path)
@@ -251,9 +249,7 @@ def _train_net_args(output_dir, *opts, eval_only=False):
 def amp_datasets(tmp_path_factory: pytest.TempPathFactory) -> None:
     root = tmp_path_factory.mktemp("synthetic_amp")
     for name, split, count, seed in [(TRAIN_NAME, "train", 4, 21), (VAL_NAME, "val", 3, 22)]:
-        paths = ensure_split(split, root, num_images=count, seed=seed, image_size=96)
-        if name not in DatasetCatalog.list():
-            register_coco_dataset(name, paths.json_file, paths.image_root)
+        register_synthetic_split(name, root, split, num_images=count, seed=seed, image_size=96)
 
 
 def _evaluate_with_dtype_spy(output_dir, weights, *opts):

@@ -267,3 +267,15 @@ def test_register_coco_dataset(tmp_path):
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+def test_register_synthetic_split_generates_registers_once(tmp_path):
+    from musu.data import register_synthetic_split
+
+    name = "reg_split_test"
+    paths = register_synthetic_split(name, tmp_path, "val", num_images=3, seed=9, image_size=64)
+    records = DatasetCatalog.get(name)
+    assert len(records) == 3 and all(os.path.isfile(r["file_name"]) for r in records)
+    assert MetadataCatalog.get(name).json_file == paths.json_file
+    again = register_synthetic_split(name, tmp_path, "val", num_images=3, seed=9, image_size=64)
+    assert again == paths and len(DatasetCatalog.get(name)) == 3  # no second registration

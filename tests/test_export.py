@@ -23,13 +23,12 @@ import export_model as export_tool  # tools/export_model.py (conftest.py puts to
 import numpy as np
 import pytest
 import torch
-from detectron2.data import DatasetCatalog
 from detectron2.engine import DefaultPredictor, default_argument_parser
 from detectron2.structures import Instances
 
 import musu
-from musu.data import register_coco_dataset
-from musu.data.synthetic import ensure_split, render_image
+from musu.data import register_synthetic_split
+from musu.data.synthetic import render_image
 from musu.export import ExportedModel, export_model, sample_image
 
 import train_net  # the root script
@@ -60,9 +59,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, object]:
     """A MuSu checkpoint trained for 20 iterations, and its eager AP on the val split."""
     root = tmp_path_factory.mktemp("export")
     for name, split, count, seed in [(TRAIN_NAME, "train", 16, 21), (VAL_NAME, "val", 8, 22)]:
-        paths = ensure_split(split, root / "data", num_images=count, seed=seed, image_size=128)
-        if name not in DatasetCatalog.list():
-            register_coco_dataset(name, paths.json_file, paths.image_root)
+        register_synthetic_split(
+            name, root / "data", split, num_images=count, seed=seed, image_size=128
+        )
     output_dir = root / "run"
     argv = ["--config-file", str(MUSU_CONFIG), "OUTPUT_DIR", str(output_dir), *TINY]
     argv += [

@@ -23,10 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from detectron2.data import DatasetCatalog
 
-from musu.data import register_coco_dataset
-from musu.data.synthetic import ensure_split
+from musu.data import register_synthetic_split
 
 import train_net  # the root script (conftest.py puts the root on sys.path)
 
@@ -42,10 +40,10 @@ def splits(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     root = tmp_path_factory.mktemp("data")
     args = []
     for name, split, count, seed in [(TRAIN, "train", 8, 41), (VAL, "val", 4, 42)]:
-        paths = ensure_split(split, root, num_images=count, seed=seed, image_size=64)
+        paths = register_synthetic_split(
+            name, root, split, num_images=count, seed=seed, image_size=64
+        )
         args += ["--register-coco", name, paths.json_file, paths.image_root]
-        if name not in DatasetCatalog.list():
-            register_coco_dataset(name, paths.json_file, paths.image_root)
     return args
 
 

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
 
-from musu.data import register_coco_dataset
-from musu.data.synthetic import ensure_split
+from musu.data import register_synthetic_split
 
 import train_net  # the root script (conftest.py puts the root on sys.path)
 
@@ -30,9 +28,7 @@ TRAIN_NAME, VAL_NAME = "e2e_synthetic_train", "e2e_synthetic_val"
 def tiny_datasets(tmp_path_factory: pytest.TempPathFactory) -> None:
     root = tmp_path_factory.mktemp("synthetic")
     for name, split, count, seed in [(TRAIN_NAME, "train", 16, 11), (VAL_NAME, "val", 8, 12)]:
-        paths = ensure_split(split, root, num_images=count, seed=seed, image_size=128)
-        if name not in DatasetCatalog.list():
-            register_coco_dataset(name, paths.json_file, paths.image_root)
+        register_synthetic_split(name, root, split, num_images=count, seed=seed, image_size=128)
 
 
 def _run(output_dir: Path, *extra: str, max_iter: int = 20, eval_only: bool = False, resume=False):

@@ -15,6 +15,7 @@ from .datasets import (
     ensure_dataset,
     register_builtin_datasets,
     register_coco_dataset,
+    register_synthetic_split,
 )
 from .image_checks import (
     NamingMapper,
@@ -36,5 +37,6 @@ __all__ = [
     "ensure_dataset",
     "register_builtin_datasets",
     "register_coco_dataset",
+    "register_synthetic_split",
     "synthetic",
 ]

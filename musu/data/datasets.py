@@ -36,6 +36,7 @@ __all__ = [
     "load_coco_detection_json",
     "register_builtin_datasets",
     "register_coco_dataset",
+    "register_synthetic_split",
 ]
 
 BCCD_CLASSES: tuple[str, ...] = ("RBC", "WBC", "Platelets")
@@ -225,6 +226,26 @@ def register_coco_dataset(
     MetadataCatalog.get(name).set(
         json_file=json_file, image_root=image_root, evaluator_type="coco", **dict(metadata or {})
     )
+
+
+def register_synthetic_split(
+    name: str,
+    root: str | os.PathLike,
+    split: str,
+    *,
+    num_images: int,
+    seed: int,
+    image_size: int = 256,
+) -> synthetic.SyntheticSplit:
+    """Generate (or reuse) a synthetic split of ``num_images`` images under ``root`` with
+    :func:`musu.data.synthetic.ensure_split`, and register it as the COCO-format dataset
+    ``name`` unless that name is already registered; returns its paths."""
+    paths = synthetic.ensure_split(
+        split, root, num_images=num_images, seed=seed, image_size=image_size
+    )
+    if name not in DatasetCatalog.list():
+        register_coco_dataset(name, paths.json_file, paths.image_root)
+    return paths
 
 
 register_builtin_datasets()

@@ -13,11 +13,9 @@ from types import ModuleType
 from typing import List
 
 import pytest
-from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
 
-from musu.data import register_coco_dataset
-from musu.data.synthetic import ensure_split
+from musu.data import register_synthetic_split
 
 PROJECT = Path(__file__).resolve().parents[1]
 REPO_ROOT = PROJECT.parents[1]
@@ -37,9 +35,7 @@ def load_train_net() -> ModuleType:
 def train_net(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
     root = tmp_path_factory.mktemp("mg_synthetic")
     for name, split, count, seed in [(TRAIN_NAME, "train", 8, 21), (VAL_NAME, "val", 4, 22)]:
-        paths = ensure_split(split, root, num_images=count, seed=seed, image_size=128)
-        if name not in DatasetCatalog.list():
-            register_coco_dataset(name, paths.json_file, paths.image_root)
+        register_synthetic_split(name, root, split, num_images=count, seed=seed, image_size=128)
     return load_train_net()
 
 
