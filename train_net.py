@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import shlex
@@ -67,10 +66,10 @@ from musu.data import (
 from musu.engine import (
     PREEMPTION_SIGNALS,
     AtomicCheckpointer,
+    BestCheckpointer,
     Preempted,
     PreemptionHook,
     SignalShieldedMapper,
-    atomic_write,
     check_dataset_classes,
     create_ddp_model,
     forward_signals_to_children,
@@ -88,61 +87,6 @@ from musu.engine.amp import (
 logger = logging.getLogger("detectron2.musu.train_net")
 
 PREEMPTION_EXIT_CODES = {preemption_exit_code(signum) for signum in PREEMPTION_SIGNALS}
-
-BEST_METRIC = "bbox/AP"
-"""The evaluation result that ``model_best.pth`` maximizes (``TEST.EVAL_PERIOD > 0``)."""
-
-
-class BestCheckpointer(d2_hooks.BestCheckpointer):
-    """Detectron2's ``BestCheckpointer`` (keeps ``<prefix>.pth``, the weights of the best
-    evaluation so far) that also records the best value in ``<prefix>.json`` (``metric``,
-    ``value``, ``iteration``; written atomically after the checkpoint) and, when training resumes
-    (``start_iter > 0``), starts from that record, so a resumed run never replaces the best
-    checkpoint by a worse one. Saves go through ``checkpointer`` (train_net gives it the
-    Trainer's :class:`~musu.engine.AtomicCheckpointer`), which also re-tags ``last_checkpoint``:
-    it names the newest complete checkpoint either way."""
-
-    def __init__(
-        self,
-        eval_period: int,
-        checkpointer: AtomicCheckpointer,
-        val_metric: str = BEST_METRIC,
-        file_prefix: str = "model_best",
-    ) -> None:
-        super().__init__(eval_period, checkpointer, val_metric, mode="max", file_prefix=file_prefix)
-        self.checkpointer = checkpointer
-        self.metric = val_metric
-        self.record_file = os.path.join(checkpointer.save_dir, f"{file_prefix}.json")
-
-    def before_train(self) -> None:
-        if self.trainer.start_iter > 0 and os.path.isfile(self.record_file):
-            with open(self.record_file) as f:
-                record = json.load(f)
-            if record.get("metric") == self.metric:
-                self.best_metric, self.best_iter = record["value"], record["iteration"]
-                logger.info(
-                    "Resuming with the best %s so far: %.5f at iteration %d (%s)",
-                    self.metric,
-                    self.best_metric,
-                    self.best_iter,
-                    self.record_file,
-                )
-
-    def _write_record_if_changed(self, before: tuple) -> None:
-        if (self.best_metric, self.best_iter) != before and self.best_metric is not None:
-            record = {"metric": self.metric, "value": self.best_metric, "iteration": self.best_iter}
-            with atomic_write(self.record_file, "w") as f:
-                json.dump(record, f)
-
-    def after_step(self) -> None:
-        before = (self.best_metric, self.best_iter)
-        super().after_step()
-        self._write_record_if_changed(before)
-
-    def after_train(self) -> None:
-        before = (self.best_metric, self.best_iter)
-        super().after_train()
-        self._write_record_if_changed(before)
 
 
 class Trainer(DefaultTrainer):
@@ -204,14 +148,8 @@ class Trainer(DefaultTrainer):
             return super().test(cfg, model, evaluators)
 
     def build_hooks(self) -> list[HookBase]:
-        # DefaultTrainer.__init__ builds a DetectionCheckpointer just before calling build_hooks;
-        # replace it here so that the PeriodicCheckpointer hook and resume_or_load use ours.
-        # With TEST.EVAL_PERIOD > 0, keep model_best.pth (by bbox/AP) through the same
-        # checkpointer, right after the evaluation hook that produces the metric.
-        previous = self.checkpointer
-        self.checkpointer = AtomicCheckpointer(
-            previous.model, previous.save_dir, **previous.checkpointables
-        )
+        # With TEST.EVAL_PERIOD > 0, keep model_best.pth (by bbox/AP) through the Trainer's
+        # AtomicCheckpointer, right after the evaluation hook that produces the metric.
         hooks = super().build_hooks()
         if self.cfg.TEST.EVAL_PERIOD > 0 and comm.is_main_process():
             position = next(i for i, h in enumerate(hooks) if isinstance(h, d2_hooks.EvalHook))

@@ -13,7 +13,7 @@ import torch
 from detectron2.engine import default_argument_parser
 
 from musu.data import register_synthetic_split
-from musu.engine import AtomicCheckpointer
+from musu.engine import AtomicCheckpointer, BestCheckpointer
 
 import train_net  # the root script (conftest.py puts the root on sys.path)
 
@@ -111,4 +111,4 @@ def test_no_best_checkpointer_without_periodic_evaluation(tiny_datasets: None, t
         ],
     )  # fmt: skip
     trainer = train_net.Trainer(cfg)
-    assert not [h for h in trainer._hooks if isinstance(h, train_net.BestCheckpointer)]
+    assert not [h for h in trainer._hooks if isinstance(h, BestCheckpointer)]

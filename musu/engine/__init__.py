@@ -3,6 +3,8 @@
 * :class:`AtomicCheckpointer`: a ``DetectionCheckpointer`` whose checkpoint files and
   ``last_checkpoint`` tag are written atomically (:func:`atomic_write`: temporary file, fsync,
   ``os.replace``); every file musu writes in place goes through :func:`atomic_write`.
+* :class:`BestCheckpointer`: keeps ``model_best.pth`` (``TEST.EVAL_PERIOD > 0``) with a record
+  that survives ``--resume``.
 * :func:`check_dataset_classes`: raises before training when a dataset holds a class index that
   the model's ``NUM_CLASSES`` cannot represent, naming the file and the annotation.
 * :func:`create_ddp_model`: DDP for CUDA models as Detectron2 does and for CPU models (gloo).
@@ -11,6 +13,7 @@
 * :func:`read_metrics_json` / :func:`train_seconds_per_iter`: a run's Detectron2 ``metrics.json``.
 """
 
+from .best_checkpoint import BEST_METRIC, BestCheckpointer
 from .checkpoint import AtomicCheckpointer, atomic_write
 from .data_checks import check_dataset_classes
 from .distributed import create_ddp_model, limit_cpu_threads_per_process
@@ -26,6 +29,8 @@ from .preemption import (
 
 __all__ = [
     "AtomicCheckpointer",
+    "BEST_METRIC",
+    "BestCheckpointer",
     "PREEMPTION_SIGNALS",
     "Preempted",
     "PreemptionHook",
