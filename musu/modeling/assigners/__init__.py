@@ -10,6 +10,7 @@ wrappers.py     ``IgnoreCrowdRegions``, ``WarmupSwitch``: assigners around assig
 build.py        ``ASSIGNER_REGISTRY``, ``build_assigner``, ``build_training_assigner``
 """
 
+from ...config import CRITERIA
 from .anchor_grid import AnchorGrid, AnchorList, dense_inside_pairs
 from .base import (
     Anchors,
@@ -26,7 +27,6 @@ from .build import (
     build_musu_assigner,
     build_training_assigner,
 )
-from ...config import CRITERIA
 from .fcos import FCOSAssigner
 from .geometry import matched_box_iou, points_in_boxes
 from .musu import MuSuAssigner

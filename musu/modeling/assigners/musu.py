@@ -24,8 +24,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .base import Anchors, Assignment, check_assigner_inputs, pad_ground_truth
 from ...config import CRITERIA
+from .base import Anchors, Assignment, check_assigner_inputs, pad_ground_truth
 from .geometry import matched_box_iou
 from .ranking import rank_within_groups
 
