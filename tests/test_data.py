@@ -233,25 +233,38 @@ def test_detectron2_synthetic_registration():
     COCOEvaluator("musu_synthetic_val", output_dir=None)  # reads meta.json_file
 
 
-def test_bccd(monkeypatch):
-    assert (SHARED_DATA / "bccd").is_dir(), f"BCCD test data missing: {SHARED_DATA / 'bccd'}"
+@pytest.mark.parametrize(
+    "folder, split, images, boxes, classes",
+    [
+        ("bccd", "val", 72, 945, ["RBC", "WBC", "Platelets"]),
+        ("cards", "val", 67, 143, ["nine", "ten", "jack", "queen", "king", "ace"]),
+        ("cards", "train", 296, 527, ["nine", "ten", "jack", "queen", "king", "ace"]),
+    ],
+)
+def test_real_dataset(monkeypatch, folder, split, images, boxes, classes):
+    # counts from ../shared/data/<folder>/SOURCE.md
+    assert (SHARED_DATA / folder).is_dir(), f"test data missing: {SHARED_DATA / folder}"
     monkeypatch.delenv("MUSU_DATASETS", raising=False)
     assert datasets_root().resolve() == SHARED_DATA.resolve()
-    dicts = DatasetCatalog.get("bccd_val")
-    assert len(dicts) == 72 and sum(len(d["annotations"]) for d in dicts) == 945
-    assert MetadataCatalog.get("bccd_val").thing_classes == ["RBC", "WBC", "Platelets"]
+    name = f"{folder}_{split}"
+    dicts = DatasetCatalog.get(name)
+    assert len(dicts) == images and sum(len(d["annotations"]) for d in dicts) == boxes
+    assert MetadataCatalog.get(name).thing_classes == classes
     monkeypatch.setenv("MUSU_DATASETS", str(SHARED_DATA))
-    assert ensure_dataset("bccd_train")[0].endswith("bccd/annotations/instances_train.json")
+    expected = f"{folder}/annotations/instances_{split}.json"
+    assert ensure_dataset(name)[0].endswith(expected)
 
 
-def test_bccd_missing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name, folder", [("bccd_val", "bccd"), ("cards_train", "cards")])
+def test_real_dataset_missing(tmp_path, monkeypatch, name, folder):
     monkeypatch.setenv("MUSU_DATASETS", str(tmp_path))
-    expected = str(tmp_path / "bccd" / "annotations" / "instances_val.json")
+    split = name.split("_")[1]
+    expected = str(tmp_path / folder / "annotations" / f"instances_{split}.json")
     with pytest.raises(FileNotFoundError) as err:
-        DatasetCatalog.get("bccd_val")
+        DatasetCatalog.get(name)
     assert expected in str(err.value) and "MUSU_DATASETS" in str(err.value)
     with pytest.raises(FileNotFoundError, match="MUSU_DATASETS"):
-        MetadataCatalog.get("bccd_val").json_file
+        MetadataCatalog.get(name).json_file
 
 
 def test_register_coco_dataset(tmp_path):

@@ -75,13 +75,24 @@ def test_default_radius_and_config_errors() -> None:
 
 
 def test_fcos_configs_differ_from_musu_only_in_the_detector() -> None:
-    for dataset, name in [("Synthetic", "synthetic"), ("BCCD", "bccd")]:
+    for dataset, name in [("Synthetic", "synthetic"), ("BCCD", "bccd"), ("Cards", "cards")]:
         fcos = _cfg(f"{dataset}/fcos_R_18_FPN_{name}.yaml")
         musu_cfg = _cfg(f"{dataset}/musu_R_18_FPN_{name}.yaml")
         assert fcos.MODEL.META_ARCHITECTURE == "D2FCOS"
         fcos.MODEL.META_ARCHITECTURE = musu_cfg.MODEL.META_ARCHITECTURE
         fcos.OUTPUT_DIR = musu_cfg.OUTPUT_DIR
         assert fcos.dump() == musu_cfg.dump()
+
+
+def test_cards_configs_differ_from_bccd_only_in_data_and_class_count() -> None:
+    for method in ("musu", "fcos"):
+        cards = _cfg(f"Cards/{method}_R_18_FPN_cards.yaml")
+        bccd = _cfg(f"BCCD/{method}_R_18_FPN_bccd.yaml")
+        assert (cards.DATASETS.TRAIN, cards.DATASETS.TEST) == (("cards_train",), ("cards_val",))
+        assert cards.MODEL.MUSU.NUM_CLASSES == 6 and bccd.MODEL.MUSU.NUM_CLASSES == 3
+        cards.DATASETS.TRAIN, cards.DATASETS.TEST = bccd.DATASETS.TRAIN, bccd.DATASETS.TEST
+        cards.MODEL.MUSU.NUM_CLASSES, cards.OUTPUT_DIR = 3, bccd.OUTPUT_DIR
+        assert cards.dump() == bccd.dump()
 
 
 def test_train_losses_and_pre_nms_inference() -> None:

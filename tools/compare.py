@@ -24,7 +24,7 @@ How it runs (per config, one after the other):
    20-iteration median) in the run's ``metrics.json``, skipping the first ``--skip-iters``.
 
 Outputs ``<output>/compare.md`` and ``<output>/compare.json`` and prints the Markdown table.
-Datasets: ``--dataset synthetic`` / ``bccd`` (built-in), ``--dataset TRAIN,TEST`` (registered
+Datasets: ``--dataset synthetic`` / ``bccd`` / ``cards`` (built-in), ``--dataset TRAIN,TEST`` (registered
 names), or ``--register NAME JSON IMAGE_ROOT`` (repeatable) for any COCO-format folder.
 """
 
@@ -57,6 +57,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILTIN = {
     "synthetic": ("musu_synthetic_train", "musu_synthetic_val"),
     "bccd": ("bccd_train", "bccd_val"),
+    "cards": ("cards_train", "cards_val"),
 }
 COLUMNS = [
     ("AP", "AP", "{:.1f}"),
@@ -82,7 +83,7 @@ def dataset_names(dataset: Optional[str]) -> Optional[tuple]:
         return BUILTIN[dataset]
     names = tuple(n.strip() for n in dataset.split(","))
     if len(names) != 2 or not all(names):
-        raise ValueError(f"--dataset must be synthetic, bccd or TRAIN,TEST; got {dataset!r}")
+        raise ValueError(f"--dataset must be synthetic, bccd, cards or TRAIN,TEST; got {dataset!r}")
     return names
 
 
@@ -233,7 +234,7 @@ def markdown_table(rows: Dict[str, Dict[str, float]]) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("configs", nargs="+", help="config files, one per method")
-    parser.add_argument("--dataset", default=None, help="synthetic | bccd | TRAIN,TEST names")
+    parser.add_argument("--dataset", default=None, help="synthetic | bccd | cards | TRAIN,TEST names")
     parser.add_argument(
         "--register", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGES"),
         help="register a COCO-format dataset under NAME (here and in the training subprocess)",

@@ -5,6 +5,7 @@ Importing this module registers (names already registered are left alone):
 * ``musu_synthetic_train`` / ``musu_synthetic_val``: the built-in synthetic shapes
   (:mod:`musu.data.synthetic`), generated under ``$MUSU_CACHE_DIR`` on first use.
 * ``bccd_train`` / ``bccd_val``: BCCD blood cells in COCO format under :func:`datasets_root`.
+* ``cards_train`` / ``cards_val``: playing cards (6 classes) in COCO format, same rule.
 
 Import does no file I/O. Paths are resolved from the environment each time they are needed, and
 the metadata fields ``json_file`` and ``image_root`` are computed on access by calling
@@ -31,6 +32,7 @@ from . import synthetic
 __all__ = [
     "BCCD_CLASSES",
     "BUILTIN_DATASETS",
+    "CARDS_CLASSES",
     "datasets_root",
     "ensure_dataset",
     "load_coco_detection_json",
@@ -41,8 +43,15 @@ __all__ = [
 
 BCCD_CLASSES: tuple[str, ...] = ("RBC", "WBC", "Platelets")
 _SYNTHETIC_SPLITS = {"musu_synthetic_train": "train", "musu_synthetic_val": "val"}
-_BCCD_SPLITS = {"bccd_train": "train", "bccd_val": "val"}
-BUILTIN_DATASETS: tuple[str, ...] = (*_SYNTHETIC_SPLITS, *_BCCD_SPLITS)
+CARDS_CLASSES: tuple[str, ...] = ("nine", "ten", "jack", "queen", "king", "ace")
+# Real datasets under datasets_root(): dataset name -> (folder, split, display name, classes).
+_REAL_SPLITS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
+    "bccd_train": ("bccd", "train", "BCCD", BCCD_CLASSES),
+    "bccd_val": ("bccd", "val", "BCCD", BCCD_CLASSES),
+    "cards_train": ("cards", "train", "Cards", CARDS_CLASSES),
+    "cards_val": ("cards", "val", "Cards", CARDS_CLASSES),
+}
+BUILTIN_DATASETS: tuple[str, ...] = (*_SYNTHETIC_SPLITS, *_REAL_SPLITS)
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +71,19 @@ def datasets_root() -> Path:
     return Path("datasets")
 
 
-def _bccd_paths(split: str) -> tuple[str, str]:
+def _real_paths(folder: str, split: str, display_name: str) -> tuple[str, str]:
+    """``(json_file, image_root)`` of a real dataset under :func:`datasets_root`, i.e.
+    ``<root>/<folder>/annotations/instances_<split>.json`` and ``<root>/<folder>/images``;
+    ``FileNotFoundError`` naming the missing path and ``$MUSU_DATASETS`` if either is absent."""
     root = datasets_root()
-    json_file = root / "bccd" / "annotations" / f"instances_{split}.json"
-    image_root = root / "bccd" / "images"
+    json_file = root / folder / "annotations" / f"instances_{split}.json"
+    image_root = root / folder / "images"
     for path in (json_file, image_root):
         if not path.exists():
             raise FileNotFoundError(
-                f"BCCD dataset not found: {path} does not exist. Set $MUSU_DATASETS to the folder "
-                f"that contains bccd/annotations/instances_{split}.json and bccd/images "
-                f"(datasets root now: {root.resolve()}, MUSU_DATASETS="
+                f"{display_name} dataset not found: {path} does not exist. Set $MUSU_DATASETS to "
+                f"the folder that contains {folder}/annotations/instances_{split}.json and "
+                f"{folder}/images (datasets root now: {root.resolve()}, MUSU_DATASETS="
                 f"{os.environ.get('MUSU_DATASETS', '<unset>')!r})."
             )
     return str(json_file), str(image_root)
@@ -81,7 +93,7 @@ def ensure_dataset(name: str) -> tuple[str, str]:
     """Return ``(json_file, image_root)`` of dataset ``name``; both exist on return.
 
     Generates a missing or invalid synthetic split; raises ``FileNotFoundError`` (naming the
-    missing path and ``$MUSU_DATASETS``) for absent BCCD data. Other names are looked up in
+    missing path and ``$MUSU_DATASETS``) for absent real data (BCCD, cards). Other names are looked up in
     ``MetadataCatalog`` (e.g. datasets registered by :func:`register_coco_dataset`); ``KeyError``
     if the name has no ``json_file`` / ``image_root`` metadata.
     """
@@ -202,8 +214,8 @@ def register_builtin_datasets() -> None:
     so calling it again is harmless. Does no file I/O."""
     for name, split in _SYNTHETIC_SPLITS.items():
         _register_lazy(name, lambda split=split: synthetic.ensure_split(split), synthetic.CLASSES)
-    for name, split in _BCCD_SPLITS.items():
-        _register_lazy(name, lambda split=split: _bccd_paths(split), BCCD_CLASSES)
+    for name, (folder, split, display_name, classes) in _REAL_SPLITS.items():
+        _register_lazy(name, lambda f=folder, s=split, d=display_name: _real_paths(f, s, d), classes)
 
 
 def register_coco_dataset(
