@@ -65,6 +65,9 @@ def add_musu_config(cfg: CN) -> None:
     _C.MODEL.MUSU.PRIOR_PROB = 0.01
     # Anchor slots A per location (paper Table 5: 1-5; 1 has exactly FCOS's parameters).
     _C.MODEL.MUSU.NUM_ANCHORS = 1
+    # Side of every initial box in strides (paper Sec. 4.1: 2, i.e. 2s x 2s). Other values are not
+    # in the paper: they move the geometric prior, hence the early candidate bags, across levels.
+    _C.MODEL.MUSU.INITIAL_BOX_SIZE = 2.0
     # With A > 1, each slot's initial box is 2s x 2s times a scale drawn uniformly from this range.
     _C.MODEL.MUSU.ANCHOR_SCALE_RANGE = [1.0, 2.0]
     # With A > 1, each slot's initial aspect ratio (h / w) is drawn uniformly from this range.
@@ -83,6 +86,9 @@ def add_musu_config(cfg: CN) -> None:
     _C.MODEL.MUSU.WARMUP_ASSIGNER = "build_fcos_assigner"
     # Length of that warm start in training iterations; 0 disables it (paper setting).
     _C.MODEL.MUSU.WARMUP_ASSIGNER_ITERS = 0
+    # Assigner run on the same predictions for logging only (musu_shadow/* scalars, e.g.
+    # "build_fcos_assigner" to watch the FCOS rule beside MuSu); never trained on; "" disables.
+    _C.MODEL.MUSU.SHADOW_ASSIGNER = ""
     # theta in q = IoU ** theta (Eq. 1).
     _C.MODEL.MUSU.THETA = 4.0
     # b in the candidate-bag threshold t = b * max P (Eq. 2); must lie in (0, 1).
@@ -234,7 +240,7 @@ def validate_musu_config(cfg: CN) -> None:
         check_number(musu, path, key, low=0.0, high=1.0, low_open=True, high_open=True)
     for key in ("ALPHA", "FOCAL_LOSS_ALPHA", "SCORE_THRESH_TEST", "NMS_THRESH_TEST"):
         check_number(musu, path, key, low=0.0, high=1.0)
-    for key in ("THETA", "TAU_RATIO"):
+    for key in ("THETA", "TAU_RATIO", "INITIAL_BOX_SIZE"):
         check_number(musu, path, key, low=0.0, low_open=True)
     for key in ("TEMPERATURE", "BETA", "FOCAL_LOSS_GAMMA", "REG_LOSS_WEIGHT"):
         check_number(musu, path, key, low=0.0)

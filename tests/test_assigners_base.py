@@ -1,5 +1,5 @@
 """The assigner protocol: every registered assigner, called on a tiny batch, returns an
-``Assignment`` of the right shapes; the shared input checks and the logging summary.
+``Assignment`` of the right shapes; and the shared input checks.
 
 Notation: N images, M objects, R anchors, C classes.
 """
@@ -17,7 +17,6 @@ from musu.modeling.assigners import (
     AnchorList,
     Anchors,
     Assignment,
-    assignment_stats,
     build_assigner,
     check_assigner_inputs,
     pad_ground_truth,
@@ -109,30 +108,3 @@ def test_pad_ground_truth() -> None:
     )
     assert boxes.shape == (2, 2, 4) and boxes.dtype == torch.float64
     assert classes.tolist() == [[1, 2], [0, 0]] and valid.tolist() == [[True, True], [False, False]]
-
-
-def test_assignment_stats_average_over_objects_with_a_bag() -> None:
-    assignment = Assignment(
-        gt_index=torch.tensor([[0, 0, -1, 1]]),
-        cls_weight=torch.tensor([[1.0, 0.5, 0.0, 1.0]]),
-        reg_weight=torch.tensor([[1.0, 0.25, 0.0, 1.0]]),
-        stats={"bag_size": torch.tensor([[2, 1, 0]]), "tau_cls": torch.tensor([[1.5, 1.0, 0.0]])},
-    )
-    assert assignment_stats(assignment) == {
-        "bag_size": 1.5,
-        "tau_cls": 1.25,
-        "cls_weight_per_object": 1.25,
-        "reg_weight_per_object": 1.125,
-        "objects_with_bag": 2.0,
-    }
-    empty = Assignment(
-        torch.full((1, 2), -1),
-        torch.zeros(1, 2),
-        torch.zeros(1, 2),
-        stats={"bag_size": torch.zeros(1, 1).long()},
-    )
-    assert set(assignment_stats(empty).values()) == {0.0}
-    assert (
-        assignment_stats(Assignment(torch.zeros(1, 1).long(), torch.ones(1, 1), torch.ones(1, 1)))
-        == {}
-    )

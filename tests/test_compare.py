@@ -115,3 +115,43 @@ def test_eval_only_on_a_musu_checkpoint(tiny_split: list, tmp_path: Path) -> Non
     assert math.isnan(row["train_s_per_iter"])  # no metrics.json beside this checkpoint
     assert row["num_objects"] > 0 and row["infer_s_per_image"] > 0
     assert (tmp_path / "compare.md").is_file()
+
+
+def test_seed_summary_mean_and_spread() -> None:
+    rows = {
+        "musu_seed0": {"AP": 40.0, "AP75": 38.0, "top1": 0.1},
+        "musu_seed1": {"AP": 44.0, "AP75": 42.0, "top1": 0.3},
+        "fcos_seed0": {"AP": 50.0},
+        "fcos_seed1": {"diverged": True},
+    }
+    summary = compare.seed_summary(rows)
+    assert summary["musu"]["runs"] == 2 and summary["musu"]["diverged"] == 0
+    ap = summary["musu"]["AP"]
+    # mean 42, sample std sqrt(((40-42)^2 + (44-42)^2) / 1) = sqrt(8)
+    assert ap["mean"] == 42.0 and ap["std"] == pytest.approx(math.sqrt(8))
+    assert (ap["min"], ap["max"], ap["n"]) == (40.0, 44.0, 2)
+    assert summary["fcos"]["diverged"] == 1 and summary["fcos"]["AP"]["n"] == 1
+    assert summary["fcos"]["AP"]["std"] == 0.0 and "AP75" not in summary["fcos"]
+    table = compare.summary_table(summary)
+    assert "| musu | 2 (0) | 42.0 ± 2.8 (40.0-44.0) |" in table
+    assert "| fcos | 2 (1) | 50.0 ± 0.0 (50.0-50.0) | n/a |" in table
+
+
+def test_seeds_and_a_diverged_run(tiny_split: list, tmp_path: Path) -> None:
+    """--seeds: run dirs <config>_seed<s> trained with SEED s; a learning rate that makes the
+    loss non-finite is recorded as diverged (not evaluated) instead of stopping the script."""
+    name = tiny_split[0][0]
+    argv = [str(FCOS_CFG), "--dataset", f"{name},{name}", "--output", str(tmp_path),
+            "--max-iter", "2", "--warmup", "1", "--skip-iters", "0", "--max-eval-images", "1",
+            "--seeds", "3"]  # fmt: skip
+    for entry in tiny_split:
+        argv += ["--register", *entry]
+    rows = compare.main(argv + ["--opts", *TINY, "SOLVER.BASE_LR", "1e30"])
+    assert rows == {"fcos_R_18_FPN_synthetic_seed3": {
+        "diverged": True, "error": rows["fcos_R_18_FPN_synthetic_seed3"]["error"],
+        "config": str(FCOS_CFG)}}  # fmt: skip
+    run_dir = tmp_path / "fcos_R_18_FPN_synthetic_seed3"
+    assert "SEED: 3" in (run_dir / "config.yaml").read_text()
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["summary"]["fcos_R_18_FPN_synthetic"]["diverged"] == 1
+    assert "(diverged)" in (tmp_path / "compare.md").read_text()

@@ -95,6 +95,18 @@ def test_cards_configs_differ_from_bccd_only_in_data_and_class_count() -> None:
         assert cards.dump() == bccd.dump()
 
 
+def test_non_finite_predictions_raise_floating_point_error() -> None:
+    """Diverged weights: a FloatingPointError naming the output, not Detectron2's box assert."""
+    model = build_model(_cfg())
+    with torch.no_grad():
+        model.head.cls_score.bias.fill_(float("inf"))
+    instances = Instances((64, 64))
+    instances.gt_boxes = Boxes(torch.tensor([[4.0, 4.0, 40.0, 40.0]]))
+    instances.gt_classes = torch.tensor([1])
+    with EventStorage(), pytest.raises(FloatingPointError, match="D2FCOS: non-finite class"):
+        model([{"image": torch.rand(3, 64, 64) * 255, "instances": instances}])
+
+
 def test_train_losses_and_pre_nms_inference() -> None:
     torch.manual_seed(0)
     model = build_model(_cfg())

@@ -167,6 +167,20 @@ def test_single_anchor_initial_boxes_are_2s_squares() -> None:
     torch.testing.assert_close(boxes, expected.expand_as(boxes), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("size", [1.0, 4.0])
+def test_initial_box_size_from_config(size: float) -> None:
+    """``MODEL.MUSU.INITIAL_BOX_SIZE`` k: every initial box is k s x k s centred on its point."""
+    cfg = get_cfg()
+    musu.add_musu_config(cfg)
+    cfg.MODEL.MUSU.NUM_CONVS = 1
+    cfg.MODEL.MUSU.INITIAL_BOX_SIZE = size
+    head = MuSuHead(cfg, shapes_for(64))
+    boxes, points, strides = decode_head_boxes(head, make_features(64))
+    half = size / 2 * strides[:, None]  # (R, 1)
+    expected = torch.cat([points - half, points + half], dim=1)  # (R, 4)
+    torch.testing.assert_close(boxes, expected.expand_as(boxes), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("num_anchors", [2, 3, 5])
 def test_multi_anchor_initial_shapes_in_paper_ranges(num_anchors: int) -> None:
     """A > 1: each slot's box has scale sqrt(w h) / 2s in [1, 2] and h / w in [1/2, 2], the same

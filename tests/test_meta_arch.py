@@ -244,6 +244,37 @@ def test_training_step_synthetic_config() -> None:
     assert 1 <= reg_w <= cls_w <= bag + 1e-5
 
 
+def test_non_finite_predictions_stop_training_with_a_clear_error() -> None:
+    model = build(synthetic_cfg(64))
+    model.train()
+    with torch.no_grad():
+        model.head.bbox_pred.bias.fill_(float("nan"))
+    batch = [random_input(2, 64, torch.Generator().manual_seed(0))]
+    with EventStorage(), pytest.raises(FloatingPointError, match="box regression.*BASE_LR"):
+        model(batch)
+
+
+def test_shadow_assigner_is_logged_and_not_trained_on() -> None:
+    """SHADOW_ASSIGNER build_fcos_assigner: the FCOS rule's statistics are logged beside MuSu's
+    (``musu_shadow/*``), and the losses are those of the run without it."""
+    generator = torch.Generator().manual_seed(3)
+    batch = [random_input(n, 64, generator) for n in (3, 5)]
+    logged, results = [], []
+    for shadow in ("", "build_fcos_assigner"):
+        model = build(synthetic_cfg(64, ["MODEL.MUSU.SHADOW_ASSIGNER", shadow]))
+        model.train()
+        with EventStorage() as storage:
+            results.append({k: v.detach() for k, v in model(batch).items()})
+            logged.append({k: v for k, (v, _) in storage.latest().items()})
+    assert results[0] == results[1]
+    assert not any(k.startswith("musu_shadow/") for k in logged[0])
+    shadow = {k.split("/", 1)[1]: v for k, v in logged[1].items() if k.startswith("musu_shadow/")}
+    assert 0 < shadow["objects"] <= 8 and shadow["members_mean"] >= 1  # 8 objects in the batch
+    assert "tau_cls" not in shadow and "cls_top_is_best_iou" not in shadow  # FCOS: weights 1
+    assert shadow["cls_weight_per_object"] == shadow["members_mean"]
+    assert logged[1]["musu/members_mean"] == logged[0]["musu/members_mean"]
+
+
 @pytest.mark.parametrize("num_images", [1, 2])
 def test_batch_without_objects(num_images: int) -> None:
     """No object anywhere: finite losses, regression loss exactly 0, backward works."""

@@ -24,6 +24,11 @@ How it runs (per config, one after the other):
    20-iteration median) in the run's ``metrics.json``, skipping the first ``--skip-iters``.
 
 Outputs ``<output>/compare.md`` and ``<output>/compare.json`` and prints the Markdown table.
+With ``--seeds 0 1 ...`` every config is trained once per seed (``SEED s``, run dir
+``<config name>_seed<s>``); the table then has a row per run and a second table the mean and
+spread (sample standard deviation, min-max) per method. A training that stops on a non-finite
+loss (Detectron2's ``FloatingPointError``) is recorded as diverged, not evaluated, and counted
+in that summary; any other training failure stops the script.
 Datasets: ``--dataset synthetic`` / ``bccd`` / ``cards`` (built-in), ``--dataset TRAIN,TEST`` (registered
 names), or ``--register NAME JSON IMAGE_ROOT`` (repeatable) for any COCO-format folder.
 """
@@ -120,10 +125,15 @@ def train_command(
     ]
 
 
+class Diverged(RuntimeError):
+    """The training stopped on a non-finite loss."""
+
+
 def train(
     config_file: str, run_dir: Path, opts: Sequence[str], registered: list, evaluate: bool = False
 ) -> float:
-    """Train through train_net.py in a subprocess; returns wall seconds; raises on failure."""
+    """Train through train_net.py in a subprocess; returns wall seconds. Raises ``Diverged``
+    when it stopped on a non-finite loss, ``RuntimeError`` on any other failure."""
     run_dir.mkdir(parents=True, exist_ok=True)
     opts = list(opts) + ([] if evaluate else ["DATASETS.TEST", "()"])
     command = train_command(config_file, run_dir, opts, registered)
@@ -132,7 +142,10 @@ def train(
     with open(run_dir / "train_stdout.log", "w") as log:
         result = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=log)
     if result.returncode != 0:
-        raise RuntimeError(f"training failed ({result.returncode}); see {run_dir}/train_stdout.log")
+        where = f"see {run_dir}/train_stdout.log"
+        if "FloatingPointError" in (run_dir / "train_stdout.log").read_text(errors="replace"):
+            raise Diverged(f"training diverged (non-finite loss); {where}")
+        raise RuntimeError(f"training failed ({result.returncode}); {where}")
     return time.perf_counter() - start
 
 
@@ -227,20 +240,71 @@ def markdown_table(rows: Dict[str, Dict[str, float]]) -> str:
                 )
             else:
                 cells.append(_format(row.get(key, float("nan")), fmt))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        label = f"{name} (diverged)" if row.get("diverged") else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+SUMMARY_COLUMNS = [("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("spearman", "rank corr"),
+                   ("top1", "top-1 = best IoU")]  # fmt: skip
+
+
+def seed_summary(rows: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, object]]:
+    """Per method (rows named ``<method>_seed<s>``): runs, diverged runs and, over the runs that
+    finished, mean, sample standard deviation (0 for one run), min and max of each summary
+    column."""
+    methods: Dict[str, List[Dict[str, float]]] = {}
+    for name, row in rows.items():
+        methods.setdefault(name.rsplit("_seed", 1)[0], []).append(row)
+    summary: Dict[str, Dict[str, object]] = {}
+    for method, runs in methods.items():
+        finished = [r for r in runs if not r.get("diverged")]
+        entry: Dict[str, object] = {"runs": len(runs), "diverged": len(runs) - len(finished)}
+        for key, _ in SUMMARY_COLUMNS:
+            values = [float(r[key]) for r in finished if key in r]
+            if values:
+                mean = sum(values) / len(values)
+                var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+                entry[key] = {"mean": mean, "std": math.sqrt(var), "min": min(values),
+                              "max": max(values), "n": len(values)}  # fmt: skip
+        summary[method] = entry
+    return summary
+
+
+def summary_table(summary: Dict[str, Dict[str, object]]) -> str:
+    """Markdown: a row per method, ``mean ± std (min-max)`` per column."""
+    header = "| method | runs (diverged) | " + " | ".join(t for _, t in SUMMARY_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(SUMMARY_COLUMNS) + 2)]
+    for method, entry in summary.items():
+        cells = [f"{entry['runs']} ({entry['diverged']})"]
+        for key, _ in SUMMARY_COLUMNS:
+            stats = entry.get(key)
+            fmt = "{:.1f}" if key.startswith("AP") else "{:.3f}"
+            if not stats:
+                cells.append("n/a")
+                continue
+            m, sd, lo, hi = (fmt.format(stats[k]) for k in ("mean", "std", "min", "max"))
+            cells.append(f"{m} ± {sd} ({lo}-{hi})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("configs", nargs="+", help="config files, one per method")
-    parser.add_argument("--dataset", default=None, help="synthetic | bccd | cards | TRAIN,TEST names")
+    parser.add_argument(
+        "--dataset", default=None, help="synthetic | bccd | cards | TRAIN,TEST names"
+    )
     parser.add_argument(
         "--register", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGES"),
         help="register a COCO-format dataset under NAME (here and in the training subprocess)",
     )  # fmt: skip
     parser.add_argument("--output", default="/tmp/runs/compare", help="output folder")
     parser.add_argument("--max-iter", type=int, default=0, help="override SOLVER.MAX_ITER (all)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None,
+        help="train every config once per seed (SEED s); adds a mean / spread table",
+    )  # fmt: skip
     parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoints only")
     parser.add_argument("--checkpoints", nargs="*", default=[], help="one per config")
     parser.add_argument("--reuse", action="store_true", help="skip training if final exists")
@@ -252,6 +316,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.eval_only and len(args.checkpoints) != len(args.configs):
         parser.error("--eval-only needs one --checkpoints path per config")
+    if args.eval_only and args.seeds:
+        parser.error("--seeds trains; with --eval-only give the checkpoints instead")
     return args
 
 
@@ -264,31 +330,50 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
         opts += ["SOLVER.MAX_ITER", str(args.max_iter)]
     output = Path(args.output)
     rows: Dict[str, Dict[str, float]] = {}
+    seeds = args.seeds or [None]
     for index, config_file in enumerate(args.configs):
-        name = Path(config_file).stem
-        seconds = float("nan")
-        run_dir = output / name
-        if args.eval_only:
-            checkpoint = args.checkpoints[index]
-            metrics = Path(checkpoint).resolve().parent / "metrics.json"
-        else:
-            checkpoint = str(run_dir / "model_final.pth")
-            metrics = run_dir / "metrics.json"
-            if not (args.reuse and Path(checkpoint).is_file()):
-                seconds = train(config_file, run_dir, opts, args.register, args.train_eval)
-                logger.info("%s trained in %.0f s", name, seconds)
-        row = evaluate(config_file, checkpoint, opts, run_dir, args.warmup, args.max_eval_images)
-        row["train_s_per_iter"] = train_seconds_per_iter(metrics, args.skip_iters)
-        row.update(config=str(config_file), checkpoint=str(checkpoint))
-        row["train_wall_s"] = seconds  # nan when not trained here
-        rows[name] = row
-        logger.info("%s: %s", name, row)
+        for seed in seeds:
+            name = Path(config_file).stem + ("" if seed is None else f"_seed{seed}")
+            run_opts = opts + ([] if seed is None else ["SEED", str(seed)])
+            rows[name] = run_one(args, index, config_file, output / name, run_opts)
+            logger.info("%s: %s", name, rows[name])
     table = markdown_table(rows)
     output.mkdir(parents=True, exist_ok=True)
+    result: Dict[str, object] = dict(rows)
+    if args.seeds:
+        summary = seed_summary(rows)
+        table += "\n" + summary_table(summary)
+        result = {"runs": rows, "summary": summary}
     (output / "compare.md").write_text(table)
-    (output / "compare.json").write_text(json.dumps(rows, indent=2, default=float))
+    (output / "compare.json").write_text(json.dumps(result, indent=2, default=float))
     print(table)
     return rows
+
+
+def run_one(
+    args: argparse.Namespace, index: int, config_file: str, run_dir: Path, opts: List[str]
+) -> Dict[str, float]:
+    """Train (unless --eval-only or --reuse finds it done) and evaluate one run; a diverged
+    training gives ``{"diverged": True}`` and the error, no evaluation."""
+    seconds = float("nan")
+    if args.eval_only:
+        checkpoint = args.checkpoints[index]
+        metrics = Path(checkpoint).resolve().parent / "metrics.json"
+    else:
+        checkpoint = str(run_dir / "model_final.pth")
+        metrics = run_dir / "metrics.json"
+        if not (args.reuse and Path(checkpoint).is_file()):
+            try:
+                seconds = train(config_file, run_dir, opts, args.register, args.train_eval)
+            except Diverged as error:
+                logger.error("%s: %s", run_dir.name, error)
+                return {"diverged": True, "error": str(error), "config": str(config_file)}
+            logger.info("%s trained in %.0f s", run_dir.name, seconds)
+    row = evaluate(config_file, checkpoint, opts, run_dir, args.warmup, args.max_eval_images)
+    row["train_s_per_iter"] = train_seconds_per_iter(metrics, args.skip_iters)
+    row.update(config=str(config_file), checkpoint=str(checkpoint))
+    row["train_wall_s"] = seconds  # nan when not trained here
+    return row
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@
     python tools/visualize.py anchors --out fig3.png CFG WEIGHTS
     # Loss and AP curves of compared runs from metrics.json (final AP from compare.json if no evals)
     python tools/visualize.py curves --out curves.png --run MuSu RUN_DIR_A --run FCOS RUN_DIR_B
+    # Assignment statistics over training (musu/* and, with MODEL.MUSU.SHADOW_ASSIGNER, the
+    # shadow rule's musu_shadow/*), one column per run
+    python tools/visualize.py assignment-stats --out stats.png --run A RUN_DIR_A --run B RUN_DIR_B
 
 Confidence is the score each detector ranks by in NMS: MuSu ``sigmoid(cls) * sigmoid(obj)``,
 FCOS ``sqrt(sigmoid(cls) * sigmoid(ctr))``, for the object's class. Maps are shown at the FPN level
@@ -343,6 +346,62 @@ def figure_curves(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _series(entries: List[dict], key: str) -> Tuple[List[int], List[float]]:
+    points = [(e["iteration"], e[key]) for e in entries if key in e]
+    return [i for i, _ in points], [v for _, v in points]
+
+
+def figure_assignment_stats(args) -> None:
+    """One column per run, rows: members per object (mean and p10-p90 band), summed weight per
+    object, share of members per FPN level, and tau_cls with the rank-0 = best-IoU shares.
+    Solid: the training assigner (``musu/*``); dashed: the shadow assigner (``musu_shadow/*``)."""
+    fig, axes = plt.subplots(4, len(args.run), figsize=(5.5 * len(args.run), 13), squeeze=False,
+                             sharex="col", sharey="row")  # fmt: skip
+    for column, (name, run_dir) in enumerate(args.run):
+        entries = read_metrics_json(Path(run_dir) / "metrics.json")
+        if not any(k.startswith("musu/members_mean") for e in entries for k in e):
+            raise SystemExit(f"{run_dir}/metrics.json has no musu/members_mean: not a MuSu run?")
+        ax_members, ax_weight, ax_levels, ax_rank = axes[:, column]
+        for prefix, style, label in (("musu", "-", "assigner"), ("musu_shadow", "--", "shadow")):
+            iters, mean = _series(entries, f"{prefix}/members_mean")
+            if not iters:
+                continue
+            line = ax_members.plot(iters, mean, style, lw=2, label=f"{label}: mean")[0]
+            low, high = _series(entries, f"{prefix}/members_p10")[1], _series(
+                entries, f"{prefix}/members_p90")[1]  # fmt: skip
+            if len(low) == len(high) == len(iters):
+                ax_members.fill_between(iters, low, high, color=line.get_color(), alpha=0.15,
+                                        label=f"{label}: p10-p90")  # fmt: skip
+            for head, colour in (("cls", "tab:blue"), ("reg", "tab:orange")):
+                ax_weight.plot(*_series(entries, f"{prefix}/{head}_weight_per_object"), style,
+                               color=colour, label=f"{label}: {head}")  # fmt: skip
+            level_keys = sorted({k for e in entries for k in e
+                                 if k.startswith(f"{prefix}/level_share_s")},
+                                key=lambda k: float(k.rsplit("_s", 1)[1]))  # fmt: skip
+            for index, key in enumerate(level_keys):
+                ax_levels.plot(*_series(entries, key), style, color=f"C{index}",
+                               label=f"{label}: stride {key.rsplit('_s', 1)[1]}")  # fmt: skip
+        ax_rank.plot(*_series(entries, "musu/cls_top_is_best_iou"), color="tab:blue",
+                     label="cls rank 0 = best IoU")  # fmt: skip
+        ax_rank.plot(*_series(entries, "musu/reg_top_is_best_iou"), color="tab:orange",
+                     label="reg rank 0 = best IoU")  # fmt: skip
+        ax_tau = ax_rank.twinx()
+        ax_tau.plot(*_series(entries, "musu/tau_cls"), "k:", label="tau_cls (right axis)")
+        ax_members.set_title(name)
+        ax_members.set_ylabel("members per object")
+        ax_weight.set_ylabel("summed weight per object")
+        ax_levels.set_ylabel("share of members per level")
+        ax_rank.set_ylabel("share of objects")
+        ax_rank.set_xlabel("iteration")
+        for ax in (ax_members, ax_weight, ax_levels, ax_rank):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        ax_tau.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"wrote {args.out}")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -366,6 +425,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = sub.add_parser("curves", help="loss and AP curves from metrics.json")
     p.add_argument("--run", nargs=2, action="append", required=True, metavar=("NAME", "DIR"))
     p.set_defaults(func=figure_curves)
+    p = sub.add_parser("assignment-stats", help="assignment statistics over training (musu/*)")
+    p.add_argument("--run", nargs=2, action="append", required=True, metavar=("NAME", "DIR"))
+    p.set_defaults(func=figure_assignment_stats)
     for p in sub.choices.values():
         p.add_argument("--out", required=True, help="PNG path")
         p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE")

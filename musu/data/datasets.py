@@ -215,7 +215,9 @@ def register_builtin_datasets() -> None:
     for name, split in _SYNTHETIC_SPLITS.items():
         _register_lazy(name, lambda split=split: synthetic.ensure_split(split), synthetic.CLASSES)
     for name, (folder, split, display_name, classes) in _REAL_SPLITS.items():
-        _register_lazy(name, lambda f=folder, s=split, d=display_name: _real_paths(f, s, d), classes)
+        _register_lazy(
+            name, lambda f=folder, s=split, d=display_name: _real_paths(f, s, d), classes
+        )
 
 
 def register_coco_dataset(

@@ -8,7 +8,7 @@ from .assigners import (
     Assignment,
     FCOSAssigner,
     MuSuAssigner,
-    assignment_stats,
+    assignment_diagnostics,
     build_assigner,
     build_fcos_assigner,
 )
@@ -25,7 +25,7 @@ __all__ = [
     "Assignment",
     "FCOSAssigner",
     "MuSuAssigner",
-    "assignment_stats",
+    "assignment_diagnostics",
     "build_musu_resnet_fpn_backbone",
     "ASSIGNER_REGISTRY",
     "build_assigner",

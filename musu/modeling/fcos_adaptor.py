@@ -25,18 +25,24 @@ from detectron2.modeling import build_backbone
 from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 
-from .meta_arch import check_in_features
+from .meta_arch import check_finite_predictions, check_in_features
 
 __all__ = ["D2FCOS", "Float32LossFCOS"]
 
 
 class Float32LossFCOS(FCOS):
-    """Detectron2's ``FCOS`` whose losses run with autocast disabled, on float32 predictions."""
+    """Detectron2's ``FCOS`` whose losses run with autocast disabled, on float32 predictions;
+    non-finite predictions raise ``FloatingPointError`` (Detectron2 would fail on a box assert)."""
 
     def losses(
         self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
     ):
         # Each prediction is a list over levels of (N, Hi * Wi, K) tensors, K = C, 4 or 1.
+        check_finite_predictions(
+            "D2FCOS",
+            {"class": pred_logits, "box regression": pred_anchor_deltas,
+             "centerness": pred_centerness},
+        )  # fmt: skip
         with torch.autocast(device_type=pred_logits[0].device.type, enabled=False):
             return super().losses(
                 anchors,

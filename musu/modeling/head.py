@@ -73,7 +73,8 @@ class MuSuHead(nn.Module):
     """Dense head of MuSu: per level, A x C class logits, A x 4 log-distances, A objectness logits.
 
     Regression outputs are ``scale_l * x``; the detector decodes distances as
-    ``stride * exp(scale_l * x)``, so a zero output is a 2s x 2s box. With ``num_anchors == 1``
+    ``stride * exp(scale_l * x)``, so a zero output is a 2s x 2s box. At initialization every box
+    is ``initial_box_size`` strides wide and high (times its slot's scale). With ``num_anchors == 1``
     the parameters are exactly those of Detectron2's ``FCOSHead`` plus one scale per level; each
     extra anchor adds (C + 4 + 1) * (channels * 9 + 1) parameters (paper Table 7).
     """
@@ -92,6 +93,7 @@ class MuSuHead(nn.Module):
         anchor_scale_range: Sequence[float] = (1.0, 2.0),
         anchor_aspect_ratio_range: Sequence[float] = (0.5, 2.0),
         anchor_init_seed: int = 0,
+        initial_box_size: float = 2.0,
     ) -> None:
         super().__init__()
         channels = {s.channels for s in input_shape}
@@ -117,6 +119,7 @@ class MuSuHead(nn.Module):
         shapes = initial_anchor_shapes(
             num_anchors, anchor_scale_range, anchor_aspect_ratio_range, anchor_init_seed
         )
+        shapes[:, 0] *= initial_box_size / 2.0  # the shapes are relative to 2s x 2s
         with torch.no_grad():
             self.bbox_pred.bias.copy_(self.anchor_bias(shapes))
 
@@ -145,6 +148,7 @@ class MuSuHead(nn.Module):
             "anchor_scale_range": tuple(musu.ANCHOR_SCALE_RANGE),
             "anchor_aspect_ratio_range": tuple(musu.ANCHOR_ASPECT_RATIO_RANGE),
             "anchor_init_seed": musu.ANCHOR_INIT_SEED,
+            "initial_box_size": musu.INITIAL_BOX_SIZE,
         }
 
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:

@@ -34,7 +34,8 @@ from .assigners import (
     Assigner,
     Assignment,
     IgnoreCrowdRegions,
-    assignment_stats,
+    assignment_diagnostics,
+    build_assigner,
     build_training_assigner,
     pad_ground_truth,
 )
@@ -105,6 +106,17 @@ def _reduce_mean_normalizer(total: Tensor) -> Tensor:
     return total.clamp(min=1.0)
 
 
+def check_finite_predictions(detector: str, predictions: Dict[str, List[Tensor]]) -> None:
+    """``FloatingPointError`` naming the output when any training prediction is NaN or infinite:
+    the training has diverged, and the box losses would otherwise fail on invalid boxes."""
+    for name, tensors in predictions.items():
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise FloatingPointError(
+                f"{detector}: non-finite {name} outputs in training: the training diverged. Lower "
+                "SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or enable SOLVER.CLIP_GRADIENTS."
+            )
+
+
 def _split_crowd(
     gt_instances: List[Instances],
 ) -> Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]]]:
@@ -159,6 +171,7 @@ class MuSu(DenseDetector):
         head: MuSuHead,
         head_in_features: List[str],
         assigner: Assigner,
+        shadow_assigner: Optional[Assigner] = None,
         num_classes: int,
         focal_loss_alpha: float = 0.25,
         focal_loss_gamma: float = 2.0,
@@ -179,6 +192,7 @@ class MuSu(DenseDetector):
         self.num_classes = num_classes
         self.num_anchors = head.num_anchors
         self.assigner = assigner
+        self.shadow_assigner = shadow_assigner
         self.box2box_transform = CellBoxTransform()  # for DenseDetector's decoding
         self.focal_loss_alpha = focal_loss_alpha
         self.focal_loss_gamma = focal_loss_gamma
@@ -201,6 +215,9 @@ class MuSu(DenseDetector):
             "head": head,
             "head_in_features": list(musu.IN_FEATURES),
             "assigner": build_training_assigner(cfg),
+            "shadow_assigner": (
+                build_assigner(cfg, "SHADOW_ASSIGNER") if musu.SHADOW_ASSIGNER else None
+            ),
             "num_classes": musu.NUM_CLASSES,
             "focal_loss_alpha": musu.FOCAL_LOSS_ALPHA,
             "focal_loss_gamma": musu.FOCAL_LOSS_GAMMA,
@@ -242,6 +259,9 @@ class MuSu(DenseDetector):
         gt_instances: List[Instances],
     ) -> Dict[str, Tensor]:
         logits, box_reg, objectness = self._flatten_predictions(predictions)
+        check_finite_predictions(
+            "MuSu", {"class": logits, "box regression": box_reg, "objectness": objectness}
+        )
         # Assignment and losses run in float32 even under mixed precision.
         with torch.autocast(device_type=images.tensor.device.type, enabled=False):
             cls_logits = torch.cat(logits, dim=1).float()  # (N, R, C)
@@ -259,7 +279,9 @@ class MuSu(DenseDetector):
             with torch.no_grad():
                 scores = cls_logits.detach().sigmoid() * obj_logits.detach().sigmoid()[..., None]
                 assignment = assigner(grid, scores, pred_boxes.detach(), gt_boxes, gt_classes)
-            self._log_assignment(assignment)
+            self._log_assignment(
+                grid, scores, pred_boxes.detach(), gt_boxes, gt_classes, assignment
+            )
             return self.losses(cls_logits, obj_logits, pred_boxes, gt_boxes, gt_classes, assignment)
 
     def losses(
@@ -309,13 +331,30 @@ class MuSu(DenseDetector):
             "loss_musu_reg": self.reg_loss_weight * loss_reg / reg_normalizer,
         }
 
-    def _log_assignment(self, assignment: Assignment) -> None:
+    def _log_assignment(
+        self,
+        grid: AnchorGrid,
+        scores: Tensor,
+        pred_boxes: Tensor,
+        gt_boxes: List[Tensor],
+        gt_classes: List[Tensor],
+        assignment: Assignment,
+    ) -> None:
+        """Log ``assignment_diagnostics`` of the training assignment as ``musu/*`` and, with a
+        shadow assigner, of its assignment on the same inputs as ``musu_shadow/*`` (only inside
+        a trainer; the shadow assignment is never trained on)."""
         try:
             storage = get_event_storage()
         except AssertionError:  # called outside a trainer (no EventStorage): nothing to log
             return
-        for name, value in assignment_stats(assignment).items():
-            storage.put_scalar(f"musu/{name}", value)
+        logged = [("musu", assignment)]
+        if self.shadow_assigner is not None:
+            with torch.no_grad():
+                shadow = self.shadow_assigner(grid, scores, pred_boxes, gt_boxes, gt_classes)
+            logged.append(("musu_shadow", shadow))
+        for prefix, result in logged:
+            for name, value in assignment_diagnostics(result, grid, pred_boxes, gt_boxes).items():
+                storage.put_scalar(f"{prefix}/{name}", value)
 
     def forward_inference(
         self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]

@@ -1,6 +1,7 @@
 """Assigners: who supervises which anchor, and how much (the protocol is in ``base.py``).
 
-base.py         the assigner protocol, ``Assignment``, input checks, logging summary
+base.py         the assigner protocol, ``Assignment``, input checks
+diagnostics.py  ``assignment_diagnostics``: logging scalars describing an assignment
 anchor_grid.py  ``AnchorGrid`` (FPN grid points, strides, inside-pair listing) and ``AnchorList``
 geometry.py     strict point-in-box test and matched-row IoU
 ranking.py      grouped ranking
@@ -16,7 +17,6 @@ from .base import (
     Anchors,
     Assigner,
     Assignment,
-    assignment_stats,
     check_assigner_inputs,
     pad_ground_truth,
 )
@@ -27,6 +27,7 @@ from .build import (
     build_musu_assigner,
     build_training_assigner,
 )
+from .diagnostics import assignment_diagnostics
 from .fcos import FCOSAssigner
 from .geometry import matched_box_iou, points_in_boxes
 from .musu import MuSuAssigner
@@ -45,7 +46,7 @@ __all__ = [
     "IgnoreCrowdRegions",
     "MuSuAssigner",
     "WarmupSwitch",
-    "assignment_stats",
+    "assignment_diagnostics",
     "build_assigner",
     "build_fcos_assigner",
     "build_musu_assigner",

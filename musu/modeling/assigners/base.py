@@ -34,7 +34,6 @@ __all__ = [
     "Anchors",
     "Assigner",
     "Assignment",
-    "assignment_stats",
     "check_assigner_inputs",
     "pad_ground_truth",
 ]
@@ -181,24 +180,3 @@ def _check_class_range(gt_classes: Sequence[Tensor], num_classes: int, name: str
         f"{name}: image {image}: gt_classes must lie in [0, {num_classes}), "
         f"got values in [{int(classes.min())}, {int(classes.max())}]"
     )
-
-
-def assignment_stats(assignment: Assignment) -> dict[str, float]:
-    """Summary scalars for logging: the mean of every per-object statistic, and the mean cls /
-    reg weight per object, over the objects with ``bag_size > 0`` (``objects_with_bag`` of them).
-
-    All values are 0 when no object has a bag; empty without a ``bag_size`` statistic.
-    """
-    bag_size = assignment.stats.get("bag_size")
-    if bag_size is None:
-        return {}
-    has_bag = bag_size > 0  # (N, M_max)
-    num_objects = int(has_bag.sum())
-    summary = {}
-    for name, value in assignment.stats.items():
-        summary[name] = float(value[has_bag].float().mean()) if num_objects else 0.0
-    cls_total, reg_total = float(assignment.cls_weight.sum()), float(assignment.reg_weight.sum())
-    summary["cls_weight_per_object"] = cls_total / num_objects if num_objects else 0.0
-    summary["reg_weight_per_object"] = reg_total / num_objects if num_objects else 0.0
-    summary["objects_with_bag"] = float(num_objects)
-    return summary
