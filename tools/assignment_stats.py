@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Print what a MuSu model's assigner does on training images: one table of
+``assignment_diagnostics`` for the training assigner (``musu/*``) and the shadow assigner
+(``musu_shadow/*``, the FCOS rule unless ``MODEL.MUSU.SHADOW_ASSIGNER`` says otherwise).
+
+    # at initialization (no weights): where the paper's 2s x 2s prior puts the candidate bags
+    python tools/assignment_stats.py configs/BCCD/musu_R_18_FPN_bccd.yaml --images 32
+    # a trained model, or another prior
+    python tools/assignment_stats.py CFG --weights model_final.pth
+    python tools/assignment_stats.py CFG --opts MODEL.MUSU.INITIAL_BOX_SIZE 4
+
+The first ``--images`` training images (dataset order, the training mapper's resize, no flip)
+go through the model's training forward in batches of ``SOLVER.IMS_PER_BATCH``, without a
+backward pass; each value is the mean over batches. Over training, the same scalars are in the
+run's ``metrics.json`` (``tools/visualize.py assignment-stats`` plots them).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.data import transforms as T
+from detectron2.utils.events import EventStorage
+
+from musu import build_config
+from musu.model_zoo import load_model
+from musu.modeling import MuSu
+
+PREFIXES = ("musu", "musu_shadow")
+
+
+def collect(cfg, weights: Optional[str], num_images: int) -> Dict[str, Dict[str, float]]:
+    """``{prefix: {statistic: mean over batches}}`` for the first ``num_images`` images of
+    ``DATASETS.TRAIN[0]``; the model is in training mode (batch statistics in BN)."""
+    model = load_model(cfg, weights)  # None: MODEL.WEIGHTS ("" in the small-data configs)
+    if not isinstance(model, MuSu):
+        raise SystemExit(f"{cfg.MODEL.META_ARCHITECTURE} is not a MuSu model: no assigner to show")
+    augmentations = [
+        T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN[0], cfg.INPUT.MAX_SIZE_TRAIN, "choice")
+    ]
+    mapper = DatasetMapper(cfg, is_train=True, augmentations=augmentations)
+    records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:num_images]
+    batch_size = cfg.SOLVER.IMS_PER_BATCH
+    sums: Dict[str, Dict[str, List[float]]] = {p: {} for p in PREFIXES}
+    model.train()
+    for start in range(0, len(records), batch_size):
+        batch = [mapper(r) for r in records[start : start + batch_size]]
+        with EventStorage() as storage, torch.no_grad():
+            model(batch)
+            for key, (value, _) in storage.latest().items():
+                prefix, _, name = key.partition("/")
+                if prefix in sums:
+                    sums[prefix].setdefault(name, []).append(value)
+    return {p: {k: sum(v) / len(v) for k, v in stats.items()} for p, stats in sums.items() if stats}
+
+
+def table(stats: Dict[str, Dict[str, float]]) -> str:
+    """Markdown: a row per statistic, a column per prefix."""
+    prefixes = list(stats)
+    names = sorted({name for values in stats.values() for name in values})
+    lines = ["| statistic | " + " | ".join(prefixes) + " |", "|---|" + "---|" * len(prefixes)]
+    for name in names:
+        cells = [f"{stats[p][name]:.3f}" if name in stats[p] else "-" for p in prefixes]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("--weights", default=None, help="checkpoint; default: initialization")
+    parser.add_argument("--images", type=int, default=32, help="training images to run")
+    parser.add_argument("--shadow", default="build_fcos_assigner",
+                        help="MODEL.MUSU.SHADOW_ASSIGNER unless the config sets one")  # fmt: skip
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE")
+    args = parser.parse_args(argv)
+    cfg = build_config(args.config, ["MODEL.DEVICE", "cpu", *args.opts], freeze=False)
+    if not cfg.MODEL.MUSU.SHADOW_ASSIGNER:
+        cfg.MODEL.MUSU.SHADOW_ASSIGNER = args.shadow
+    cfg.freeze()
+    torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
+    stats = collect(cfg, args.weights, args.images)
+    print(f"{args.config} {' '.join(args.opts)} weights={args.weights or 'initialization'}")
+    print(f"assigner {cfg.MODEL.MUSU.ASSIGNER}; shadow {cfg.MODEL.MUSU.SHADOW_ASSIGNER}")
+    print(table(stats))
+    return stats
+
+
+if __name__ == "__main__":
+    main()
