@@ -109,8 +109,13 @@ def _reduce_mean_normalizer(total: Tensor) -> Tensor:
 def check_finite_predictions(detector: str, predictions: Dict[str, List[Tensor]]) -> None:
     """``FloatingPointError`` naming the output when any training prediction is NaN or infinite:
     the training has diverged, and the box losses would otherwise fail on invalid boxes."""
-    for name, tensors in predictions.items():
-        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+    flags = {
+        name: torch.stack([torch.isfinite(t).all() for t in v]) for name, v in predictions.items()
+    }
+    if bool(torch.cat(list(flags.values())).all()):  # one device sync
+        return
+    for name, finite in flags.items():
+        if not bool(finite.all()):
             raise FloatingPointError(
                 f"{detector}: non-finite {name} outputs in training: the training diverged. Lower "
                 "SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or enable SOLVER.CLIP_GRADIENTS."
