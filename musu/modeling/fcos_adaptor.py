@@ -32,17 +32,14 @@ __all__ = ["D2FCOS", "Float32LossFCOS"]
 
 class Float32LossFCOS(FCOS):
     """Detectron2's ``FCOS`` whose losses run with autocast disabled, on float32 predictions;
-    non-finite predictions raise ``FloatingPointError`` (Detectron2 would fail on a box assert)."""
+    non-finite box predictions raise ``FloatingPointError`` (Detectron2 would stop on a box
+    assert)."""
 
     def losses(
         self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
     ):
         # Each prediction is a list over levels of (N, Hi * Wi, K) tensors, K = C, 4 or 1.
-        check_finite_predictions(
-            "D2FCOS",
-            {"class": pred_logits, "box regression": pred_anchor_deltas,
-             "centerness": pred_centerness},
-        )  # fmt: skip
+        check_finite_predictions("D2FCOS", {"box regression": pred_anchor_deltas})
         with torch.autocast(device_type=pred_logits[0].device.type, enabled=False):
             return super().losses(
                 anchors,
