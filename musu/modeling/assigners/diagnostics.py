@@ -81,9 +81,10 @@ def assignment_diagnostics(
     out["cls_weight_per_object"] = float(cls_weight.sum()) / num_objects
     out["reg_weight_per_object"] = float(reg_weight.sum()) / num_objects
 
-    strides = grid.point_strides(gt_index.device)[anchor]  # (K,)
+    all_strides = grid.point_strides(gt_index.device)  # (R,)
+    strides = all_strides[anchor]  # (K,)
     total_cls = float(cls_weight.sum())
-    for stride in torch.unique(grid.point_strides("cpu")).tolist():
+    for stride in torch.unique(all_strides).tolist():
         on_level = strides == stride
         name = f"s{int(stride)}" if float(stride).is_integer() else f"s{stride:g}"
         out[f"level_share_{name}"] = float(on_level.sum()) / len(anchor)
