@@ -13,6 +13,9 @@
     # Assignment statistics over training (musu/* and, with MODEL.MUSU.SHADOW_ASSIGNER, the
     # shadow rule's musu_shadow/*), one column per run
     python tools/visualize.py assignment-stats --out stats.png --run A RUN_DIR_A --run B RUN_DIR_B
+    # Schedule curve: final AP and AP75 against schedule length, one panel per dataset, from a
+    # CSV of runs (columns dataset, method, iterations, seed, AP, AP75; further columns ignored)
+    python tools/visualize.py schedule --out schedule.png --csv docs/figures/schedule_curve.csv
 
 Confidence is the score each detector ranks by in NMS: MuSu ``sigmoid(cls) * sigmoid(obj)``,
 FCOS ``sqrt(sigmoid(cls) * sigmoid(ctr))``, for the object's class. Maps are shown at the FPN level
@@ -24,6 +27,7 @@ whose box overlaps the object.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 from pathlib import Path
@@ -402,6 +406,73 @@ def figure_assignment_stats(args) -> None:
     print(f"wrote {args.out}")
 
 
+SCHEDULE_COLUMNS = ("dataset", "method", "iterations", "seed", "AP", "AP75")
+
+
+def read_schedule_csv(path: Path) -> Dict[Tuple[str, str, int], List[Tuple[float, float]]]:
+    """(dataset, method, iterations) -> [(AP, AP75) per seed] from a CSV with SCHEDULE_COLUMNS.
+    Raises SystemExit naming the file and line for a missing column, a non-number or a repeated
+    (dataset, method, iterations, seed)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in SCHEDULE_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SystemExit(f"{path}: missing column(s) {missing}; need {list(SCHEDULE_COLUMNS)}")
+        points: Dict[Tuple[str, str, int], List[Tuple[float, float]]] = {}
+        seen = set()
+        for line, row in enumerate(reader, start=2):
+            try:
+                key = (row["dataset"], row["method"], int(row["iterations"]))
+                seed, ap, ap75 = int(row["seed"]), float(row["AP"]), float(row["AP75"])
+            except (TypeError, ValueError) as e:
+                raise SystemExit(f"{path}:{line}: not a number in {dict(row)} ({e})") from None
+            if (*key, seed) in seen:
+                raise SystemExit(f"{path}:{line}: {key} seed {seed} appears twice")
+            seen.add((*key, seed))
+            points.setdefault(key, []).append((ap, ap75))
+    if not points:
+        raise SystemExit(f"{path}: no rows")
+    return points
+
+
+def figure_schedule(args) -> None:
+    """One panel per dataset: mean AP (solid) and AP75 (dashed) over seeds against the schedule
+    length, one colour per method, each seed's value as a dot; prints the same as a table."""
+    points = read_schedule_csv(Path(args.csv))
+    datasets = sorted({d for d, _, _ in points})
+    methods = sorted({m for _, m, _ in points})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    print("| dataset | method | iterations | seeds | AP (mean) | AP75 (mean) |")
+    print("|---|---|---|---|---|---|")
+    for ax, dataset in zip(axes[0], datasets):
+        for index, method in enumerate(methods):
+            iters = sorted(i for d, m, i in points if (d, m) == (dataset, method))
+            if not iters:
+                continue
+            colour = f"C{index}"
+            for column, style, label in ((0, "o-", "AP"), (1, "s--", "AP75")):
+                means = [float(np.mean([p[column] for p in points[dataset, method, i]]))
+                         for i in iters]  # fmt: skip
+                ax.plot(iters, means, style, color=colour, label=f"{method} {label}")
+                for i in iters:
+                    values = [p[column] for p in points[dataset, method, i]]
+                    ax.scatter([i] * len(values), values, color=colour, s=10, alpha=0.5)
+            for i in iters:
+                seeds = points[dataset, method, i]
+                print(f"| {dataset} | {method} | {i} | {len(seeds)} | "
+                      f"{np.mean([p[0] for p in seeds]):.1f} | "
+                      f"{np.mean([p[1] for p in seeds]):.1f} |")  # fmt: skip
+        ax.set_title(dataset)
+        ax.set_xlabel("schedule length (iterations)")
+        ax.set_ylabel("COCO AP / AP75, evaluation split")
+        ax.set_xticks(sorted({i for d, _, i in points if d == dataset}))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"wrote {args.out}")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -428,6 +499,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = sub.add_parser("assignment-stats", help="assignment statistics over training (musu/*)")
     p.add_argument("--run", nargs=2, action="append", required=True, metavar=("NAME", "DIR"))
     p.set_defaults(func=figure_assignment_stats)
+    p = sub.add_parser("schedule", help="final AP / AP75 against schedule length (CSV of runs)")
+    p.add_argument("--csv", required=True, help="columns: " + ", ".join(SCHEDULE_COLUMNS))
+    p.set_defaults(func=figure_schedule)
     for p in sub.choices.values():
         p.add_argument("--out", required=True, help="PNG path")
         p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE")
