@@ -449,19 +449,15 @@ def figure_schedule(args) -> None:
             iters = sorted(i for d, m, i in points if (d, m) == (dataset, method))
             if not iters:
                 continue
+            runs = [np.array(points[dataset, method, i]) for i in iters]  # (seeds, 2) each
+            means = np.array([r.mean(axis=0) for r in runs])  # (len(iters), 2): AP, AP75
             colour = f"C{index}"
             for column, style, label in ((0, "o-", "AP"), (1, "s--", "AP75")):
-                means = [float(np.mean([p[column] for p in points[dataset, method, i]]))
-                         for i in iters]  # fmt: skip
-                ax.plot(iters, means, style, color=colour, label=f"{method} {label}")
-                for i in iters:
-                    values = [p[column] for p in points[dataset, method, i]]
-                    ax.scatter([i] * len(values), values, color=colour, s=10, alpha=0.5)
-            for i in iters:
-                seeds = points[dataset, method, i]
-                print(f"| {dataset} | {method} | {i} | {len(seeds)} | "
-                      f"{np.mean([p[0] for p in seeds]):.1f} | "
-                      f"{np.mean([p[1] for p in seeds]):.1f} |")  # fmt: skip
+                ax.plot(iters, means[:, column], style, color=colour, label=f"{method} {label}")
+                for i, r in zip(iters, runs):
+                    ax.scatter([i] * len(r), r[:, column], color=colour, s=10, alpha=0.5)
+            for i, r, (ap, ap75) in zip(iters, runs, means):
+                print(f"| {dataset} | {method} | {i} | {len(r)} | {ap:.1f} | {ap75:.1f} |")
         ax.set_title(dataset)
         ax.set_xlabel("schedule length (iterations)")
         ax.set_ylabel("COCO AP / AP75, evaluation split")
