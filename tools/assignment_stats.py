@@ -7,7 +7,7 @@
     python tools/assignment_stats.py configs/BCCD/musu_R_18_FPN_bccd.yaml --images 32
     # a trained model, or another prior
     python tools/assignment_stats.py CFG --weights model_final.pth
-    python tools/assignment_stats.py CFG --opts MODEL.MUSU.INITIAL_BOX_SIZE 4
+    python tools/assignment_stats.py CFG --opts MODEL.MUSU.INITIAL_BOX_SIZE 4.0
 
 The first ``--images`` training images (dataset order, the training mapper's resize, no flip)
 go through the model's training forward in batches of ``SOLVER.IMS_PER_BATCH``, without a
