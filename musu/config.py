@@ -72,6 +72,10 @@ def add_musu_config(cfg: CN) -> None:
     _C.MODEL.MUSU.ANCHOR_SCALE_RANGE = [1.0, 2.0]
     # With A > 1, each slot's initial aspect ratio (h / w) is drawn uniformly from this range.
     _C.MODEL.MUSU.ANCHOR_ASPECT_RATIO_RANGE = [0.5, 2.0]
+    # Side in strides of each slot's square initial box, one value per slot (e.g. [4.0, 8.0] with
+    # NUM_ANCHORS 2); replaces INITIAL_BOX_SIZE and the random draw when set. Not in the paper,
+    # which draws the shapes at random; empty keeps the paper's initialization.
+    _C.MODEL.MUSU.ANCHOR_SIZES = []
     # Seed of the anchor-shape draw, so that the same config always gives the same initial anchors.
     _C.MODEL.MUSU.ANCHOR_INIT_SEED = 0
 
@@ -236,6 +240,15 @@ def validate_musu_config(cfg: CN) -> None:
                 f"Invalid config: {path}.{key} must be [low, high] with 0 < low <= high, "
                 f"got {low_high!r}"
             )
+    sizes = musu.ANCHOR_SIZES
+    if len(sizes) > 0 and (
+        len(sizes) != musu.NUM_ANCHORS
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in sizes)
+    ):
+        raise ValueError(
+            f"Invalid config: {path}.ANCHOR_SIZES must be empty or hold one positive side in "
+            f"strides per anchor slot ({path}.NUM_ANCHORS = {musu.NUM_ANCHORS}), got {sizes!r}"
+        )
     for key in ("PRIOR_PROB", "BAG_THRESHOLD"):
         check_number(musu, path, key, low=0.0, high=1.0, low_open=True, high_open=True)
     for key in ("ALPHA", "FOCAL_LOSS_ALPHA", "SCORE_THRESH_TEST", "NMS_THRESH_TEST"):

@@ -346,6 +346,9 @@ INVALID: List[Tuple[str, Any]] = [
     ("TAU_RATIO", 0.0),
     ("TEMPERATURE", -1.0),
     ("NUM_CLASSES", 0),
+    ("ANCHOR_SIZES", [4.0, 8.0]),  # two sizes for NUM_ANCHORS 1
+    ("ANCHOR_SIZES", [0.0]),
+    ("ANCHOR_SIZES", ["4"]),
 ]
 
 

@@ -181,6 +181,40 @@ def test_initial_box_size_from_config(size: float) -> None:
     torch.testing.assert_close(boxes, expected.expand_as(boxes), rtol=0, atol=1e-4)
 
 
+def test_anchor_sizes_from_config_give_square_boxes_per_slot() -> None:
+    """``MODEL.MUSU.ANCHOR_SIZES`` [4, 8] with two slots: at every location of every level, slot 0
+    starts as a 4s x 4s square and slot 1 as an 8s x 8s square centred on the point, whatever
+    INITIAL_BOX_SIZE says."""
+    cfg = get_cfg()
+    musu.add_musu_config(cfg)
+    cfg.MODEL.MUSU.NUM_CONVS = 1
+    cfg.MODEL.MUSU.NUM_ANCHORS = 2
+    cfg.MODEL.MUSU.INITIAL_BOX_SIZE = 3.0  # ignored when ANCHOR_SIZES is set
+    cfg.MODEL.MUSU.ANCHOR_SIZES = [4.0, 8.0]
+    head = MuSuHead(cfg, shapes_for(64))
+    boxes, points, strides = decode_head_boxes(head, make_features(64, batch=1))
+    boxes = boxes[0].view(-1, 2, 4)  # (locations, A, 4)
+    points, strides = points.view(-1, 2, 2)[:, 0], strides.view(-1, 2)[:, 0]  # (locations, ...)
+    for slot, side in enumerate((4.0, 8.0)):
+        half = side / 2 * strides[:, None]  # (locations, 1)
+        expected = torch.cat([points - half, points + half], dim=1)  # (locations, 4)
+        torch.testing.assert_close(boxes[:, slot], expected, rtol=0, atol=1e-4)
+
+
+def test_anchor_sizes_length_must_match_slots() -> None:
+    """Three sizes for two slots is an error, not a silent truncation."""
+    with pytest.raises(ValueError, match="3 anchor sizes given for 2 anchor slots"):
+        initial_anchor_shapes(2, (1.0, 2.0), (0.5, 2.0), seed=0, sizes=(4.0, 6.0, 8.0))
+
+
+def test_initial_box_size_scales_the_random_draw() -> None:
+    """A > 1 with INITIAL_BOX_SIZE k: the paper's drawn scales times k / 2, ratios unchanged."""
+    paper = initial_anchor_shapes(3, (1.0, 2.0), (0.5, 2.0), seed=0)  # (A, 2)
+    scaled = initial_anchor_shapes(3, (1.0, 2.0), (0.5, 2.0), seed=0, initial_box_size=4.0)
+    torch.testing.assert_close(scaled[:, 0], paper[:, 0] * 2.0)
+    torch.testing.assert_close(scaled[:, 1], paper[:, 1])
+
+
 @pytest.mark.parametrize("num_anchors", [2, 3, 5])
 def test_multi_anchor_initial_shapes_in_paper_ranges(num_anchors: int) -> None:
     """A > 1: each slot's box has scale sqrt(w h) / 2s in [1, 2] and h / w in [1/2, 2], the same

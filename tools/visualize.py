@@ -274,7 +274,8 @@ def figure_anchors(args) -> None:
     musu_cfg = cfg.MODEL.MUSU
     init_shapes = initial_anchor_shapes(
         musu_cfg.NUM_ANCHORS, musu_cfg.ANCHOR_SCALE_RANGE, musu_cfg.ANCHOR_ASPECT_RATIO_RANGE,
-        musu_cfg.ANCHOR_INIT_SEED,
+        musu_cfg.ANCHOR_INIT_SEED, initial_box_size=musu_cfg.INITIAL_BOX_SIZE,
+        sizes=musu_cfg.ANCHOR_SIZES,
     )  # fmt: skip
     initial = MuSuHead.anchor_bias(init_shapes).reshape(-1, 4).exp().numpy()  # (A, 4)
     levels = len(learned)

@@ -19,20 +19,33 @@ def initial_anchor_shapes(
     scale_range: Sequence[float],
     aspect_ratio_range: Sequence[float],
     seed: int,
+    *,
+    initial_box_size: float = 2.0,
+    sizes: Sequence[float] = (),
 ) -> Tensor:
-    """(A, 2) initial (scale, aspect ratio h/w) per anchor slot.
+    """(A, 2) initial (scale, aspect ratio h/w) per anchor slot; scale 1 is a 2s x 2s box.
 
-    With A == 1 the single slot is (1, 1): the 2s x 2s box of FCOS-style initialization. With
-    A > 1 each slot draws scale ~ U(scale_range) and aspect ratio ~ U(aspect_ratio_range)
-    (paper Sec. 4.2), from a generator seeded with ``seed``: the same seed gives the same shapes.
+    With A == 1 the single slot is ``(initial_box_size / 2, 1)``: with the default 2, the 2s x 2s
+    box of FCOS-style initialization. With A > 1 each slot draws scale ~ U(scale_range) and aspect
+    ratio ~ U(aspect_ratio_range) (paper Sec. 4.2) from a generator seeded with ``seed`` (the same
+    seed gives the same shapes), then scales by ``initial_box_size / 2``. Non-empty ``sizes``
+    (one side in strides per slot, ``len(sizes) == num_anchors``) replace all of that with square
+    boxes of those sides.
     """
+    if len(sizes) > 0:
+        if len(sizes) != num_anchors:
+            raise ValueError(f"{len(sizes)} anchor sizes given for {num_anchors} anchor slots")
+        return torch.tensor([[size / 2.0, 1.0] for size in sizes], dtype=torch.float32)
     if num_anchors == 1:
-        return torch.ones(1, 2)
-    generator = torch.Generator().manual_seed(int(seed))
-    uniform = torch.rand(num_anchors, 2, generator=generator, dtype=torch.float64)
-    low = torch.tensor([scale_range[0], aspect_ratio_range[0]], dtype=torch.float64)
-    high = torch.tensor([scale_range[1], aspect_ratio_range[1]], dtype=torch.float64)
-    return (low + uniform * (high - low)).float()
+        shapes = torch.ones(1, 2)
+    else:
+        generator = torch.Generator().manual_seed(int(seed))
+        uniform = torch.rand(num_anchors, 2, generator=generator, dtype=torch.float64)
+        low = torch.tensor([scale_range[0], aspect_ratio_range[0]], dtype=torch.float64)
+        high = torch.tensor([scale_range[1], aspect_ratio_range[1]], dtype=torch.float64)
+        shapes = (low + uniform * (high - low)).float()
+    shapes[:, 0] *= initial_box_size / 2.0
+    return shapes
 
 
 class ModulatedDeformConv3x3(nn.Module):
@@ -74,7 +87,9 @@ class MuSuHead(nn.Module):
 
     Regression outputs are ``scale_l * x``; the detector decodes distances as
     ``stride * exp(scale_l * x)``, so a zero output is a 2s x 2s box. At initialization every box
-    is ``initial_box_size`` strides wide and high (times its slot's scale). With ``num_anchors == 1``
+    is ``initial_box_size`` strides wide and high (times its slot's scale), or, when
+    ``anchor_sizes`` is given, slot a is a square of side ``anchor_sizes[a]`` strides. With
+    ``num_anchors == 1``
     the parameters are exactly those of Detectron2's ``FCOSHead`` plus one scale per level; each
     extra anchor adds (C + 4 + 1) * (channels * 9 + 1) parameters (paper Table 7).
     """
@@ -94,6 +109,7 @@ class MuSuHead(nn.Module):
         anchor_aspect_ratio_range: Sequence[float] = (0.5, 2.0),
         anchor_init_seed: int = 0,
         initial_box_size: float = 2.0,
+        anchor_sizes: Sequence[float] = (),
     ) -> None:
         super().__init__()
         channels = {s.channels for s in input_shape}
@@ -117,9 +133,13 @@ class MuSuHead(nn.Module):
         nn.init.constant_(self.objectness.bias, 0.0)
         nn.init.zeros_(self.bbox_pred.weight)  # paper: stable early mutual supervision
         shapes = initial_anchor_shapes(
-            num_anchors, anchor_scale_range, anchor_aspect_ratio_range, anchor_init_seed
-        )
-        shapes[:, 0] *= initial_box_size / 2.0  # the shapes are relative to 2s x 2s
+            num_anchors,
+            anchor_scale_range,
+            anchor_aspect_ratio_range,
+            anchor_init_seed,
+            initial_box_size=initial_box_size,
+            sizes=anchor_sizes,
+        )  # (A, 2)
         with torch.no_grad():
             self.bbox_pred.bias.copy_(self.anchor_bias(shapes))
 
@@ -149,6 +169,7 @@ class MuSuHead(nn.Module):
             "anchor_aspect_ratio_range": tuple(musu.ANCHOR_ASPECT_RATIO_RANGE),
             "anchor_init_seed": musu.ANCHOR_INIT_SEED,
             "initial_box_size": musu.INITIAL_BOX_SIZE,
+            "anchor_sizes": tuple(musu.ANCHOR_SIZES),
         }
 
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
