@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +160,66 @@ def test_seeds_and_a_diverged_run(tiny_split: list, tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["summary"]["fcos_R_18_FPN_synthetic"]["diverged"] == 1
     assert "(diverged)" in (tmp_path / "compare.md").read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_reaches_the_training_and_leaves_no_orphan(
+    tiny_split: list, tmp_path: Path
+) -> None:
+    """SIGTERM to compare.py alone is passed on to its train_net.py: the training saves a
+    checkpoint and exits, compare.py exits with 128 + SIGTERM, and no process is left behind."""
+    name = tiny_split[0][0]
+    argv = [
+        sys.executable,
+        str(REPO_ROOT / "tools" / "compare.py"),
+        str(FCOS_CFG),
+        "--dataset",
+        f"{name},{name}",
+        "--output",
+        str(tmp_path),
+        "--max-iter",
+        "10000",
+    ]
+    for entry in tiny_split:
+        argv += ["--register", *entry]
+    argv += ["--opts", *TINY, "SOLVER.CHECKPOINT_PERIOD", "4"]  # fmt: skip
+    run_dir = tmp_path / FCOS_CFG.stem
+    process = subprocess.Popen(
+        argv,
+        cwd=tmp_path,
+        env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, to find its children afterwards
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "last_checkpoint").is_file():
+            assert process.poll() is None, process.communicate()[0][-4000:]
+            assert time.monotonic() < deadline, "no checkpoint written in time"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)  # to compare.py only, not to its group
+        output, _ = process.communicate(timeout=300)
+        deadline = time.monotonic() + 60
+        while True:  # the training it started has exited too
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "the training outlived compare.py"
+            time.sleep(0.1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert process.returncode == 128 + signal.SIGTERM, output[-4000:]
+    assert "Stopped by SIGTERM" in output
+    train_log = (run_dir / "train_stdout.log").read_text()
+    assert "Training stopped by SIGTERM after iteration" in train_log
+    checkpoint = run_dir / (run_dir / "last_checkpoint").read_text().strip()
+    assert checkpoint.name.startswith("model_") and checkpoint.name != "model_final.pth"
+    assert "model" in torch.load(checkpoint, map_location="cpu", weights_only=False)

@@ -13,6 +13,8 @@ How it runs (per config, one after the other):
    (``train_net.py --config-file CFG [--register-coco ...] OUTPUT_DIR <output>/<config name>
    [opts]``). Its stdout/stderr go to ``<run dir>/train_stdout.log``.
    With ``--reuse`` a run dir that already holds ``model_final.pth`` is not trained again.
+   SIGTERM / SIGINT go on to the training, which saves its last iteration and exits; the script
+   then exits with status 128 + signal (no orphaned training).
    The subprocess gets ``DATASETS.TEST ()`` (no evaluation inside training: step 2 evaluates)
    unless ``--train-eval`` is given (then ``TEST.EVAL_PERIOD`` evaluations land in metrics.json,
    which ``tools/visualize.py curves`` plots as AP curves).
@@ -39,6 +41,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -51,7 +54,7 @@ from torch import nn
 
 import musu
 from musu.data import register_coco_datasets
-from musu.engine import train_seconds_per_iter
+from musu.engine import forward_signals_to_children, train_seconds_per_iter
 from musu.engine.amp import autocast_context, resolve_autocast
 from musu.evaluation import PRE_NMS_OPTS, ConsistencyEvaluator
 from musu.model_zoo import load_model
@@ -140,12 +143,18 @@ def train(
     logger.info("Training: %s", " ".join(command[3:]))
     start = time.perf_counter()
     with open(run_dir / "train_stdout.log", "w") as log:
-        result = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=log)
-    if result.returncode != 0:
-        where = f"see {run_dir}/train_stdout.log"
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=log)
+        with forward_signals_to_children(pids=lambda: [process.pid]) as received:
+            returncode = process.wait()
+    where = f"see {run_dir}/train_stdout.log"
+    if received:  # the training saved its last iteration and stopped: so does this script
+        name = signal.Signals(received[0]).name
+        logger.error("Stopped by %s; %s for the checkpoint and the resume command", name, where)
+        raise SystemExit(128 + received[0])
+    if returncode != 0:
         if "FloatingPointError" in (run_dir / "train_stdout.log").read_text(errors="replace"):
             raise Diverged(f"training diverged (non-finite loss); {where}")
-        raise RuntimeError(f"training failed ({result.returncode}); {where}")
+        raise RuntimeError(f"training failed ({returncode}); {where}")
     return time.perf_counter() - start
 
 

@@ -10,8 +10,9 @@ of one integer per iteration), so every process stops after the same iteration, 
 one of them got the signal. A second signal while stopping is logged and otherwise ignored
 (``SIGKILL`` stops at once; atomic checkpoint writes keep the files loadable).
 
-:func:`forward_signals_to_children` is for the launcher process of ``launch``: it passes SIGTERM
-and SIGINT on to the worker processes and lets them finish. :class:`SignalShieldedMapper` makes
+:func:`forward_signals_to_children` is for a launcher process (``launch``'s, or a tool running
+``train_net.py`` in a subprocess): it passes SIGTERM and SIGINT on to the children and lets them
+finish. :class:`SignalShieldedMapper` makes
 data loader workers ignore the signals (PyTorch's workers die on SIGTERM, which would crash the
 training process at its next batch when a cluster signals the whole process group).
 """
@@ -25,7 +26,7 @@ import os
 import signal
 import threading
 from types import FrameType
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -177,20 +178,28 @@ class PreemptionHook(HookBase):
 @contextlib.contextmanager
 def forward_signals_to_children(
     signals: Sequence[int] = PREEMPTION_SIGNALS,
+    pids: Callable[[], Iterable[int]] | None = None,
 ) -> Iterator[list[int]]:
     """While the block runs (in the main thread), a signal in ``signals`` sent to this process is
-    passed on to its live ``multiprocessing`` children instead of stopping it, so that the launcher
-    of ``launch`` waits for its workers to save and exit. Yields the list of signals received."""
+    passed on to its children instead of stopping it, so that a launcher waits for its workers to
+    save and exit. The children are ``pids()`` when given (e.g. a ``subprocess.Popen``'s pid),
+    else the live ``multiprocessing`` children (``launch``'s workers). Yields the list of signals
+    received."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
 
+    def children() -> Iterable[int]:
+        if pids is not None:
+            return pids()
+        return [child.pid for child in multiprocessing.active_children()]
+
     def forward(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
-        for child in multiprocessing.active_children():
+        for pid in children():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signum)
+                os.kill(pid, signum)
 
     previous = {signum: signal.signal(signum, forward) for signum in signals}
     try:
