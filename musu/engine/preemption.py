@@ -12,9 +12,9 @@ one of them got the signal. A second signal while stopping is logged and otherwi
 
 :func:`forward_signals_to_children` is for a launcher process (``launch``'s, or a tool running
 ``train_net.py`` in a subprocess): it passes SIGTERM and SIGINT on to the children and lets them
-finish. :class:`SignalShieldedMapper` makes
-data loader workers ignore the signals (PyTorch's workers die on SIGTERM, which would crash the
-training process at its next batch when a cluster signals the whole process group).
+finish. :class:`SignalShieldedMapper` makes data loader workers ignore the signals (PyTorch's
+workers die on SIGTERM, which would crash the training process at its next batch when a cluster
+signals the whole process group).
 """
 
 from __future__ import annotations

@@ -89,9 +89,9 @@ class MuSuHead(nn.Module):
     ``stride * exp(scale_l * x)``, so a zero output is a 2s x 2s box. At initialization every box
     is ``initial_box_size`` strides wide and high (times its slot's scale), or, when
     ``anchor_sizes`` is given, slot a is a square of side ``anchor_sizes[a]`` strides. With
-    ``num_anchors == 1``
-    the parameters are exactly those of Detectron2's ``FCOSHead`` plus one scale per level; each
-    extra anchor adds (C + 4 + 1) * (channels * 9 + 1) parameters (paper Table 7).
+    ``num_anchors == 1`` the parameters are exactly those of Detectron2's ``FCOSHead`` plus one
+    scale per level; each extra anchor adds (C + 4 + 1) * (channels * 9 + 1) parameters (paper
+    Table 7).
     """
 
     @configurable
