@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from musu.data import register_coco_dataset
 from musu.data.synthetic import ensure_split
 
 import compare  # tools/compare.py (conftest.py puts tools/ on sys.path)
+from signalled_run import group_killed_on_exit, wait_for_checkpoint, wait_for_group_exit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,29 +193,11 @@ def test_sigterm_reaches_the_training_and_leaves_no_orphan(
         text=True,
         start_new_session=True,  # its own process group, to find its children afterwards
     )
-    try:
-        deadline = time.monotonic() + 300
-        while not (run_dir / "last_checkpoint").is_file():
-            assert process.poll() is None, process.communicate()[0][-4000:]
-            assert time.monotonic() < deadline, "no checkpoint written in time"
-            time.sleep(0.05)
+    with group_killed_on_exit(process):
+        wait_for_checkpoint(run_dir, process)
         process.send_signal(signal.SIGTERM)  # to compare.py only, not to its group
         output, _ = process.communicate(timeout=300)
-        deadline = time.monotonic() + 60
-        while True:  # the training it started has exited too
-            try:
-                os.killpg(process.pid, 0)
-            except ProcessLookupError:
-                break
-            assert time.monotonic() < deadline, "the training outlived compare.py"
-            time.sleep(0.1)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        wait_for_group_exit(process)  # the training it started has exited too
     assert process.returncode == 128 + signal.SIGTERM, output[-4000:]
     assert "Stopped by SIGTERM" in output
     train_log = (run_dir / "train_stdout.log").read_text()

@@ -33,6 +33,7 @@ from musu.engine import Preempted
 from musu.engine import checkpoint as checkpoint_module
 
 import train_net  # the root script (conftest.py puts the root on sys.path)
+from signalled_run import group_killed_on_exit, wait_for_checkpoint, wait_for_group_exit
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
@@ -189,16 +190,6 @@ def test_signal_during_the_first_and_the_last_iteration(split: list[str], tmp_pa
     assert tagged.name == "model_final.pth" and _load(tagged)["iteration"] == MAX_ITER - 1
 
 
-def _wait_for_checkpoint(output_dir: Path, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[0][-4000:]
-        if (output_dir / "last_checkpoint").is_file():
-            return
-        time.sleep(0.02)
-    raise AssertionError("no checkpoint written in time")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("processes, to_group", [(1, False), (2, True)])
 def test_sigterm_to_train_net_exits_143_with_a_checkpoint_and_the_resume_command(
@@ -219,30 +210,15 @@ def test_sigterm_to_train_net_exits_143_with_a_checkpoint_and_the_resume_command
         text=True,
         start_new_session=True,  # its own process group
     )
-    try:
-        _wait_for_checkpoint(output_dir, process)  # iteration 3 finished
+    with group_killed_on_exit(process):
+        wait_for_checkpoint(output_dir, process)  # iteration 3 finished
         time.sleep(random.uniform(0.0, 0.5))
         if to_group:
             os.killpg(process.pid, signal.SIGTERM)
         else:
             process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=300)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # the workers of the workers exit too
-            try:
-                os.killpg(process.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError("processes of the stopped run are still alive")
-    finally:
-        if process.poll() is None:
-            process.kill()
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        wait_for_group_exit(process)  # the workers of the workers exit too
     assert process.returncode == 128 + signal.SIGTERM, output[-4000:]
     tagged = _assert_checkpoints_loadable(output_dir)
     iteration = _load(tagged)["iteration"]
