@@ -251,6 +251,8 @@ def main(args):
         trainer.train()
     except Preempted as stopped:
         logger.warning(stopped.message)
+        # The launcher terminates every worker as soon as one exits: wait until all have logged.
+        comm.synchronize()
         raise SystemExit(stopped.exit_code) from None
     return getattr(trainer, "_last_eval_results", None)  # set by the final evaluation, if any
 
