@@ -38,6 +38,7 @@ names), or ``--register NAME JSON IMAGE_ROOT`` (repeatable) for any COCO-format 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -46,7 +47,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, inference_on_dataset
@@ -184,18 +185,22 @@ def evaluate(
     output_dir: Path,
     warmup: int = 5,
     max_images: int = 0,
+    model_context: Optional[Callable[[nn.Module], ContextManager]] = None,
 ) -> Dict[str, float]:
-    """COCO AP + inference s/image (config's settings) and pre-NMS consistency, in-process."""
+    """COCO AP + inference s/image (config's settings) and pre-NMS consistency, in-process.
+    ``model_context(model)``, when given, is entered around each pass with that pass's model."""
+    context = model_context or (lambda model: contextlib.nullcontext())
     cfg = musu.build_config(config_file, opts)
     dataset = cfg.DATASETS.TEST[0]
     loader = build_detection_test_loader(cfg, dataset)
     if max_images > 0:
         loader = _limited(loader, max_images)
-    timed = _TimedModel(load_model(cfg, checkpoint), warmup)
+    model = load_model(cfg, checkpoint)
+    timed = _TimedModel(model, warmup)
     coco = COCOEvaluator(dataset, output_dir=str(output_dir / "inference"))
     post_nms = ConsistencyEvaluator(dataset)
     precision = resolve_autocast(cfg, training=False)  # TEST.AMP, as train_net.py evaluates
-    with autocast_context(precision):
+    with autocast_context(precision), context(model):
         results = inference_on_dataset(timed, loader, DatasetEvaluators([coco, post_nms]))
     row: Dict[str, float] = dict(results.get("bbox", {}))
     row["infer_s_per_image"] = timed.seconds / timed.images if timed.images else float("nan")
@@ -206,7 +211,7 @@ def evaluate(
     pre_loader = build_detection_test_loader(pre_cfg, dataset)
     if max_images > 0:
         pre_loader = _limited(pre_loader, max_images)
-    with autocast_context(precision):
+    with autocast_context(precision), context(pre_model):
         pre = inference_on_dataset(pre_model, pre_loader, ConsistencyEvaluator(dataset))
     row.update(pre["consistency"])
     row["dataset"] = dataset

@@ -6,9 +6,10 @@
 With ``MODEL.MUSU.NUM_ANCHORS`` A > 1 every location predicts A boxes. This runs the model on
 ``--dataset`` A + 1 times: with all slots, then with only slot a (a = 0..A-1): the other slots'
 objectness logits are set to -inf by a forward hook on ``model.head``, so their scores are 0 and
-inference drops them (the per-level top-k then fills from the kept slot). Each pass measures what
-``tools/compare.py`` measures: COCO AP with the config's inference settings, and on the pre-NMS
-candidates (``musu.evaluation.PRE_NMS_OPTS``) the consistency of ``musu.evaluation.consistency``.
+inference drops them (the per-level top-k then fills from the kept slot). Each pass is
+``tools/compare.py``'s evaluation: COCO AP with the config's inference settings, and on the
+pre-NMS candidates (``musu.evaluation.PRE_NMS_OPTS``) the consistency of
+``musu.evaluation.consistency``.
 When every slot alone ranks its own candidates better than all slots together, the slots'
 scores are not comparable with each other (one slot outscores another that localizes better).
 Prints one Markdown table; ``--output FILE`` also writes it.
@@ -19,21 +20,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
-from detectron2.data import build_detection_test_loader
-from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
 import musu
 from musu.data import add_register_coco_argument, register_coco_datasets
-from musu.engine.amp import autocast_context, resolve_autocast
-from musu.evaluation import PRE_NMS_OPTS, ConsistencyEvaluator
-from musu.model_zoo import load_model
 from musu.modeling import MuSu
+
+import compare  # tools/compare.py: the evaluation passes this tool repeats per slot
 
 COLUMNS = [  # (result key, header, format)
     ("AP", "AP", "{:.1f}"),
@@ -52,6 +51,8 @@ COLUMNS = [  # (result key, header, format)
 def only_slots(model: MuSu, slots: Optional[Sequence[int]]) -> Iterator[None]:
     """Within the block, ``model``'s head gives objectness -inf to every anchor slot not in
     ``slots`` (``None``: keep all); the head's outputs are unchanged once the block exits."""
+    if not isinstance(model, MuSu):
+        raise SystemExit(f"{type(model).__name__} is not a MuSu model: it has no anchor slots")
     num_anchors = model.head.num_anchors
     if slots is None:
         yield
@@ -78,28 +79,23 @@ def only_slots(model: MuSu, slots: Optional[Sequence[int]]) -> Iterator[None]:
 def measure(
     config_file: str, weights: str, dataset: str, opts: Sequence[str] = ()
 ) -> Dict[str, Dict[str, float]]:
-    """``{"all slots" | "slot a": {AP..., spearman, top1, top1_iou, best_iou, mean_overlap}}``
-    for ``weights`` on ``dataset``."""
-    cfg = musu.build_config(config_file, list(opts))
-    pre_cfg = musu.build_config(config_file, list(opts) + PRE_NMS_OPTS)
-    model, pre_model = load_model(cfg, weights), load_model(pre_cfg, weights)
-    if not isinstance(model, MuSu):
-        raise SystemExit(f"{cfg.MODEL.META_ARCHITECTURE} is not a MuSu model: it has no slots")
-    precision = resolve_autocast(cfg, training=False)  # TEST.AMP, as compare.py evaluates
+    """``{"all slots" | "slot a": tools/compare.py's evaluation row (AP..., spearman, top1,
+    top1_iou, best_iou, mean_overlap, ...)}`` for ``weights`` on ``dataset``."""
+    opts = list(opts) + ["DATASETS.TEST", f"('{dataset}',)"]
+    cfg = musu.build_config(config_file, opts)
     selections: List[Optional[List[int]]] = [None]
-    selections += [[a] for a in range(model.head.num_anchors)]
+    selections += [[a] for a in range(cfg.MODEL.MUSU.NUM_ANCHORS)]
     rows: Dict[str, Dict[str, float]] = {}
-    for slots in selections:
-        name = "all slots" if slots is None else f"slot {slots[0]}"
-        with autocast_context(precision), only_slots(model, slots):
-            coco = COCOEvaluator(dataset, tasks=("bbox",), output_dir=None)
-            loader = build_detection_test_loader(cfg, dataset)
-            row = dict(inference_on_dataset(model, loader, coco).get("bbox", {}))
-        with autocast_context(precision), only_slots(pre_model, slots):
-            loader = build_detection_test_loader(pre_cfg, dataset)
-            pre = inference_on_dataset(pre_model, loader, ConsistencyEvaluator(dataset))
-        row.update(pre["consistency"])
-        rows[name] = row
+    with tempfile.TemporaryDirectory() as scratch:  # COCOEvaluator's results files
+        for slots in selections:
+            name = "all slots" if slots is None else f"slot {slots[0]}"
+            rows[name] = compare.evaluate(
+                config_file,
+                weights,
+                opts,
+                Path(scratch) / name.replace(" ", "_"),
+                model_context=lambda model, slots=slots: only_slots(model, slots),
+            )
     return rows
 
 
