@@ -1,0 +1,94 @@
+"""The one command-line convention of ``train_net.py`` and every tool under ``tools/``.
+
+Every tool takes:
+
+* ``--config-file FILE``: a musu or project YAML config (or a ``musu://`` / model-zoo name);
+* ``--register-coco NAME JSON_FILE IMAGE_ROOT`` (repeatable), where the tool reads data;
+* config overrides as Detectron2's trailing ``KEY VALUE`` pairs (``opts``), after all options.
+  ``--opts KEY VALUE ...`` is accepted as an alias, as Detectron2's own ``demo.py`` spells it.
+
+``tool_argument_parser`` builds a parser with these arguments; ``parse_tool_args`` parses and
+merges the two spellings of the overrides into ``args.opts`` (a list, possibly empty).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from .data.cli import add_register_coco_argument
+
+__all__ = ["add_opts_argument", "parse_tool_args", "tool_argument_parser"]
+
+_OPTS_ALIAS_DEST = "_opts_alias"
+
+
+def add_opts_argument(parser: argparse.ArgumentParser) -> None:
+    """Add the trailing ``opts`` (``KEY VALUE`` pairs) and its alias ``--opts``."""
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        metavar="KEY VALUE",
+        help="config overrides after all options, e.g. MODEL.WEIGHTS model.pth SOLVER.BASE_LR 0.01",
+    )
+    parser.add_argument(
+        "--opts",
+        dest=_OPTS_ALIAS_DEST,
+        nargs=argparse.REMAINDER,
+        default=[],
+        metavar="KEY VALUE",
+        help="the same overrides, spelled as Detectron2's demo.py does (last option)",
+    )
+
+
+def tool_argument_parser(
+    description: Optional[str] = None,
+    *,
+    epilog: Optional[str] = None,
+    config_required: bool = True,
+    reads_data: bool = True,
+) -> argparse.ArgumentParser:
+    """A parser with ``--config-file``, ``--register-coco`` (if ``reads_data``) and the overrides.
+
+    The tool adds its own options to the parser it gets; the overrides stay last on the command
+    line. Parse with :func:`parse_tool_args`.
+    """
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config-file",
+        required=config_required,
+        metavar="FILE",
+        help="musu or project config (YAML)",
+    )
+    if reads_data:
+        add_register_coco_argument(parser)
+    add_opts_argument(parser)
+    return parser
+
+
+def parse_tool_args(
+    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
+) -> argparse.Namespace:
+    """Parse ``argv``; ``args.opts`` holds the overrides from either spelling, in order.
+
+    Raises ``SystemExit`` (argparse's usage error) when the overrides are not ``KEY VALUE``
+    pairs, naming the odd one out.
+    """
+    args = parser.parse_args(argv)
+    opts = list(args.opts or []) + list(getattr(args, _OPTS_ALIAS_DEST, None) or [])
+    if hasattr(args, _OPTS_ALIAS_DEST):
+        delattr(args, _OPTS_ALIAS_DEST)
+    if opts and opts[0] == "--":
+        opts = opts[1:]
+    if len(opts) % 2:
+        parser.error(
+            f"config overrides must be KEY VALUE pairs; got an odd number ({len(opts)}): "
+            f"{' '.join(opts)}"
+        )
+    args.opts = opts
+    return args
