@@ -9,16 +9,30 @@ Every tool takes:
 
 ``tool_argument_parser`` builds a parser with these arguments; ``parse_tool_args`` parses and
 merges the two spellings of the overrides into ``args.opts`` (a list, possibly empty).
+
+Argument types that check values where they enter (argparse then names the option in its error):
+``probability`` (a float in [0, 1]), ``positive_int``, ``non_negative_int`` and ``output_folder``
+(a path that is a folder or does not exist yet).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from typing import Optional, Sequence
 
 from .data.cli import add_register_coco_argument
 
-__all__ = ["add_opts_argument", "parse_tool_args", "tool_argument_parser"]
+__all__ = [
+    "add_opts_argument",
+    "non_negative_int",
+    "output_folder",
+    "parse_tool_args",
+    "positive_int",
+    "probability",
+    "tool_argument_parser",
+]
 
 _OPTS_ALIAS_DEST = "_opts_alias"
 
@@ -92,3 +106,41 @@ def parse_tool_args(
         )
     args.opts = opts
     return args
+
+
+def probability(text: str) -> float:
+    """A float in [0, 1] (a score or IoU threshold); ``ArgumentTypeError`` otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
+    return value
+
+
+def _integer(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text} is less than {minimum}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1; ``ArgumentTypeError`` otherwise."""
+    return _integer(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number >= 0; ``ArgumentTypeError`` otherwise."""
+    return _integer(text, 0)
+
+
+def output_folder(text: str) -> str:
+    """A folder path, existing or not yet created; ``ArgumentTypeError`` if it is a file."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return text
