@@ -283,7 +283,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 os.replace(path, target)
                 moved.append(f"{os.path.basename(path)} -> {os.path.basename(target)}")
             self.tag_last_checkpoint(os.path.basename(resumed))
-        self.logger.warning(
+        logger.warning(
             "--resume: continuing from %s, the newest checkpoint in %s that loads. Skipped:\n  %s"
             "%s",
             resumed,

@@ -143,7 +143,9 @@ def describe_file(path: str | os.PathLike) -> str:
         return f"a pickle of {size} bytes (protocol {head[1]})"
     try:
         text = head.decode("utf-8")
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as error:  # binary, or a character cut at the end of the head
+        text = head[: error.start].decode("utf-8") if error.start >= len(head) - 3 else "\0"
+    if not text or any(not (c.isprintable() or c in "\n\r\t") for c in text):
         return f"binary data of {size} bytes starting with {head[:8].hex(' ')}"
     stripped = text.lstrip()
     if stripped[:15].lower().startswith(("<!doctype html", "<html")):
@@ -184,8 +186,12 @@ def _torch_load(path: str) -> Any:
         if "weights only load failed" not in message.lower():
             raise _unreadable(path, "torch.load", error) from None
         wanted = re.search(r"GLOBAL\s+([\w.]+)", message)
-        what = f"global '{wanted.group(1)}'" if wanted else "an object outside the allowed types"
-        raise _refused(path, what) from None
+        if wanted:
+            raise _refused(path, f"global '{wanted.group(1)}'") from None
+        # Not a refused global: the unpickler met data it cannot read (corrupt, not a pickle).
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        detail = next((line for line in lines if line.startswith("Unsupported")), lines[-1])
+        raise _unreadable(path, "torch.load", pickle.UnpicklingError(detail)) from None
     except Exception as error:  # noqa: BLE001 - any other failure: not a readable checkpoint
         raise _unreadable(path, "torch.load", error) from None
 
