@@ -228,7 +228,8 @@ def check_bool(node: CN, path: str, key: str) -> None:
 
 
 def validate_musu_config(cfg: CN) -> None:
-    """Raise ValueError naming the key for any invalid ``MODEL.MUSU`` or precision value."""
+    """Raise ValueError naming the key for any invalid ``MODEL.MUSU`` or precision value, and
+    for ``MODEL.LOAD_PROPOSALS`` (proposal files are unpickled by Detectron2)."""
     musu, path = cfg.MODEL.MUSU, "MODEL.MUSU"
     for key, low in (("NUM_CLASSES", 1), ("NUM_ANCHORS", 1), ("NUM_CONVS", 0)):
         check_number(musu, path, key, low=low, integer=True)
@@ -264,6 +265,12 @@ def validate_musu_config(cfg: CN) -> None:
     check_choice(musu, path, "CRITERION", CRITERIA)
     check_number(musu, path, "TOPK_CANDIDATES_TEST", low=1, integer=True)
     check_number(musu, path, "WARMUP_ASSIGNER_ITERS", low=0, integer=True)
+    if cfg.MODEL.LOAD_PROPOSALS:
+        raise ValueError(
+            "Invalid config: MODEL.LOAD_PROPOSALS must be False: Detectron2 reads "
+            "DATASETS.PROPOSAL_FILES_* with pickle.load, which can run code from the file, and "
+            "no detector of this repository uses precomputed proposals"
+        )
     check_choice(cfg.SOLVER.AMP, "SOLVER.AMP", "PRECISION", AMP_PRECISIONS)
     check_choice(cfg.SOLVER.AMP, "SOLVER.AMP", "CPU_BFLOAT16", CPU_BFLOAT16_MODES)
     for node, path_to_bool, key in (

@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import shutil
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -261,6 +262,15 @@ CASES = [
         lambda env, mp: env.train_net("--eval-only", opts=("MODEL.WEIGHTS", env.evil_pth())),
         UnsafeWeightsError,
         ("Refused to load", "{tmp}/evil.pth", "posix.system"),
+    ),
+    Case(
+        "malicious_pth_with_torch_force_no_weights_only_load",
+        lambda env, mp: (
+            mp.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1"),
+            env.train_net("--eval-only", opts=("MODEL.WEIGHTS", env.evil_pth())),
+        ),
+        UnsafeWeightsError,
+        ("{tmp}/evil.pth", "posix.system"),
     ),
     Case(
         "malicious_pkl_train_net_training_init",
@@ -518,6 +528,7 @@ CASES = [
             ("MODEL.MUSU.NUM_CLASSES", "0", ValueError, (">= 1",)),
             ("MODEL.MUSU.BAG_THRESHOLD", "'high'", ValueError, ("high",)),
             ("MODEL.MUSU.CRITERION", "'both'", ValueError, ("'both'", "mutual")),
+            ("MODEL.LOAD_PROPOSALS", "True", ValueError, ("pickle.load", "PROPOSAL_FILES")),
         ]
     ),
     # --- tools/demo.py arguments. ---
@@ -650,3 +661,47 @@ def test_caffe2_style_pkl_without_author_loads_by_name_matching(tmp_path: Path) 
     AtomicCheckpointer(layer).load(str(path))
     assert torch.equal(layer.weight, torch.arange(6.0).reshape(2, 3))
     assert torch.equal(layer.bias, torch.tensor([1.0, -1.0]))
+
+
+def _code_without_strings(path: Path) -> str:
+    """The source of ``path`` without comments, docstrings and string literals."""
+    with open(path, "rb") as f:
+        tokens = [
+            token.string
+            for token in tokenize.tokenize(f.readline)
+            if token.type not in (tokenize.COMMENT, tokenize.STRING, tokenize.ENCODING)
+            and token.type != getattr(tokenize, "FSTRING_MIDDLE", -1)
+        ]
+    return "".join(tokens)
+
+
+def test_every_weights_load_in_the_code_goes_through_the_safe_loader() -> None:
+    """The library, the tools, the projects and train_net.py never call what unpickles without
+    restriction: Detectron2's ``DetectionCheckpointer`` / ``DefaultPredictor`` (``pickle.load``
+    for ``.pkl``), ``pickle.load``, ``torch.load`` without ``weights_only=True``, or YAML's
+    unsafe loaders. (Tests may: they read files they wrote themselves.)"""
+    allowed_pickle = {REPO / "musu" / "engine" / "weights_io.py"}
+    sources = [
+        REPO / "train_net.py",
+        *(REPO / "musu").rglob("*.py"),
+        *(REPO / "tools").rglob("*.py"),
+    ]
+    sources += [p for p in (REPO / "projects").rglob("*.py") if "tests" not in p.parts]
+    problems = []
+    for path in sources:
+        code = _code_without_strings(path)
+        for pattern in ("DetectionCheckpointer(", "DefaultPredictor(", "yaml.load(", "unsafe_load"):
+            if pattern in code:
+                problems.append(f"{path.relative_to(REPO)}: {pattern}")
+        if path not in allowed_pickle and ("pickle.load" in code or "Unpickler(" in code):
+            problems.append(f"{path.relative_to(REPO)}: pickle.load")
+        for start in [i for i in range(len(code)) if code.startswith("torch.load(", i)]:
+            depth, end = 0, start
+            for end in range(start + len("torch.load"), len(code)):
+                depth += {"(": 1, ")": -1}.get(code[end], 0)
+                if depth == 0:
+                    break
+            call = code[start : end + 1]
+            if "weights_only=True" not in call:
+                problems.append(f"{path.relative_to(REPO)}: {call}")
+    assert problems == []
