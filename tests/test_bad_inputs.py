@@ -705,3 +705,25 @@ def test_every_weights_load_in_the_code_goes_through_the_safe_loader() -> None:
             if "weights_only=True" not in call:
                 problems.append(f"{path.relative_to(REPO)}: {call}")
     assert problems == []
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_pkl_reader_takes_numpy_pickles_of_every_protocol(tmp_path: Path, protocol: int) -> None:
+    """Arrays, scalars, bytes (``_codecs.encode`` under protocol 2) and OrderedDicts load;
+    an array of Python objects is refused even though its items are plain."""
+    content = {
+        "model": {"w": np.arange(4, dtype=np.float16).reshape(2, 2)},
+        "step": np.int64(7),
+        "raw": b"\x00\xff",
+        "__author__": "me",
+    }
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps(content, protocol=protocol))
+    loaded = musu.engine.load_weights_file(path)
+    assert loaded["model"]["w"].dtype == np.float16
+    assert np.array_equal(loaded["model"]["w"], [[0, 1], [2, 3]])
+    assert loaded["step"] == 7 and loaded["raw"] == b"\x00\xff" and loaded["__author__"] == "me"
+
+    path.write_bytes(pickle.dumps({"model": {"w": np.array([1, "x"], dtype=object)}}, protocol))
+    with pytest.raises(UnsafeWeightsError, match=r"plain\.pkl.*array of Python objects"):
+        musu.engine.load_weights_file(path)

@@ -51,7 +51,7 @@ class UnsafeWeightsError(WeightsFileError, pickle.UnpicklingError):
 
 def _latin1_encode(text: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
     """``_codecs.encode`` as protocol-2 pickles of ``bytes`` use it: latin-1 only."""
-    if codecs.lookup(encoding).name != "iso8859-1":
+    if encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591", "l1"):
         raise UnsafeWeightsError(f"_codecs.encode with encoding {encoding!r} is not allowed")
     return codecs.encode(text, "latin1", errors)
 
