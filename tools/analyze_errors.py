@@ -26,7 +26,6 @@ import argparse
 import os
 import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
@@ -68,7 +67,7 @@ def run_model(config_file: str, opts: list[str], dataset: str, output: str) -> s
     if not cfg.MODEL.WEIGHTS:
         raise ValueError("--config-file needs weights: --opts MODEL.WEIGHTS path/to/model.pth")
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    musu.engine.AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # runs no code from the file
     model.eval()
     evaluator = COCOEvaluator(dataset, tasks=("bbox",), output_dir=output)
     inference_on_dataset(model, build_detection_test_loader(cfg, dataset), evaluator)

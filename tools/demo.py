@@ -36,11 +36,11 @@ import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 
 import musu
+from musu.cli import output_folder, positive_int, probability
 from musu.data import add_register_coco_argument, register_coco_datasets
 from musu.export import ExportedModel
 
@@ -111,25 +111,29 @@ def argument_parser() -> argparse.ArgumentParser:
     source.add_argument("--input", nargs="+", help="images, folders or glob patterns")
     source.add_argument("--video-input", metavar="FILE", help="a video file")
     source.add_argument("--webcam", action="store_true", help="camera 0 (OpenCV)")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for drawn output")
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", type=output_folder, help="folder for drawn output"
+    )
     parser.add_argument("--json-out", metavar="FILE", help="write COCO-format detections here")
     add_register_coco_argument(
         parser, help="register a COCO-format dataset; the first one gives the class names and ids"
     )
     parser.add_argument(
         "--confidence-threshold",
-        type=float,
+        type=probability,
         default=0.3,
         help="draw and save only detections scoring at least this (default 0.3)",
     )
     parser.add_argument(
         "--progress-every",
-        type=int,
+        type=positive_int,
         default=10,
         metavar="N",
         help="print a progress line every N images or frames (default 10)",
     )
-    parser.add_argument("--max-frames", type=int, help="stop a video or webcam after N frames")
+    parser.add_argument(
+        "--max-frames", type=positive_int, help="stop a video or webcam after N frames"
+    )
     parser.add_argument(
         "--exported",
         metavar="FILE",
@@ -157,8 +161,6 @@ def _metadata_source(args, cfg) -> tuple[Any, dict[str, int]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argument_parser()
     args = parser.parse_args(argv)
-    if args.progress_every < 1:
-        parser.error(f"--progress-every must be >= 1, got {args.progress_every}")
     cfg = musu.build_config(args.config_file, args.opts)
     if not cfg.MODEL.WEIGHTS and not args.exported:
         parser.error(
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         detect = exported
         num_classes = cfg.MODEL.MUSU.NUM_CLASSES if "MUSU" in cfg.MODEL else None
     else:
-        predictor = DefaultPredictor(cfg)
+        predictor = musu.model_zoo.Predictor(cfg)  # weights read without running code
         detect = lambda image: predictor(image)["instances"]  # noqa: E731
         num_classes = getattr(predictor.model, "num_classes", None)
     names = metadata.get("thing_classes", None)
