@@ -32,6 +32,7 @@ __all__ = [
     "positive_int",
     "probability",
     "tool_argument_parser",
+    "train_argument_parser",
 ]
 
 _OPTS_ALIAS_DEST = "_opts_alias"
@@ -46,6 +47,10 @@ def add_opts_argument(parser: argparse.ArgumentParser) -> None:
         metavar="KEY VALUE",
         help="config overrides after all options, e.g. MODEL.WEIGHTS model.pth SOLVER.BASE_LR 0.01",
     )
+    _add_opts_alias(parser)
+
+
+def _add_opts_alias(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--opts",
         dest=_OPTS_ALIAS_DEST,
@@ -82,6 +87,28 @@ def tool_argument_parser(
     if reads_data:
         add_register_coco_argument(parser)
     add_opts_argument(parser)
+    return parser
+
+
+def train_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
+    """Detectron2's ``default_argument_parser`` (``--config-file``, ``--resume``, ``--eval-only``,
+    ``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``, trailing ``opts``)
+    with the ``--opts`` alias, ``--register-coco`` and ``--check-data``. Parse with
+    :func:`parse_tool_args`."""
+    from detectron2.engine import default_argument_parser
+
+    parser = default_argument_parser(epilog)
+    parser.description = "Train or evaluate a musu or project config with musu.engine.Trainer."
+    add_register_coco_argument(
+        parser, help="register a COCO-format dataset under NAME before training (repeatable)"
+    )
+    parser.add_argument(
+        "--check-data",
+        action="store_true",
+        help="decode every image of DATASETS.TRAIN and DATASETS.TEST first and list all that "
+        "cannot be read (costs one full decode of each dataset)",
+    )
+    _add_opts_alias(parser)
     return parser
 
 

@@ -206,7 +206,7 @@ def test_sigkill_then_resume_continues_from_last_complete_checkpoint(tmp_path: P
     assert last_iter < MAX_ITER - 1, "the run finished before the kill"
 
     # Resume in-process exactly as `train_net.py --resume` does.
-    args = train_net.argument_parser().parse_args([*argv, "--resume", *_opts(dataset, output_dir)])
+    args = train_net.build_parser().parse_args([*argv, "--resume", *_opts(dataset, output_dir)])
     train_net.register_datasets(args)
     cfg = train_net.setup(args)
     trainer = train_net.Trainer(cfg)
@@ -247,7 +247,7 @@ def test_sigkill_then_resume_continues_from_last_complete_checkpoint(tmp_path: P
 
 def _setup(tmp_path: Path, opts: Sequence[str], config_file: Path = SYNTHETIC_CONFIG) -> CfgNode:
     argv = ["--config-file", str(config_file), "OUTPUT_DIR", str(tmp_path / "out"), *opts]
-    return train_net.setup(train_net.argument_parser().parse_args(argv))
+    return train_net.setup(train_net.build_parser().parse_args(argv))
 
 
 @pytest.mark.parametrize(

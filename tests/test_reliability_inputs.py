@@ -70,7 +70,7 @@ def _args(output_dir: Path, dataset: str, *flags: str, config: Path | str = CONF
         "INPUT.MIN_SIZE_TEST", "64",
         "INPUT.MAX_SIZE_TEST", "64",
     ]  # fmt: skip
-    return train_net.argument_parser().parse_args(argv)
+    return train_net.build_parser().parse_args(argv)
 
 
 def _existing_run(output_dir: Path) -> dict[str, bytes]:
