@@ -67,11 +67,13 @@ def tool_argument_parser(
     epilog: Optional[str] = None,
     config_required: bool = True,
     reads_data: bool = True,
+    several_configs: bool = False,
 ) -> argparse.ArgumentParser:
     """A parser with ``--config-file``, ``--register-coco`` (if ``reads_data``) and the overrides.
 
-    The tool adds its own options to the parser it gets; the overrides stay last on the command
-    line. Parse with :func:`parse_tool_args`.
+    With ``several_configs``, ``--config-file`` takes one or more files (``args.config_file`` is
+    a list). The tool adds its own options to the parser it gets; the overrides stay last on the
+    command line. Parse with :func:`parse_tool_args`.
     """
     parser = argparse.ArgumentParser(
         description=description,
@@ -81,8 +83,9 @@ def tool_argument_parser(
     parser.add_argument(
         "--config-file",
         required=config_required,
+        nargs="+" if several_configs else None,
         metavar="FILE",
-        help="musu or project config (YAML)",
+        help="musu or project config(s) (YAML)" if several_configs else "musu or project config",
     )
     if reads_data:
         add_register_coco_argument(parser)

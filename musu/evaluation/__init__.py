@@ -12,6 +12,7 @@ from .consistency import (
 from .errors import (
     ClassCurve,
     ImageResults,
+    average_precision_markdown,
     confusion_matrix,
     errors_markdown,
     load_coco_results,
@@ -24,6 +25,7 @@ from .errors import (
 __all__ = [
     "ClassCurve",
     "ImageResults",
+    "average_precision_markdown",
     "confusion_matrix",
     "errors_markdown",
     "load_coco_results",
