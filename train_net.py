@@ -5,10 +5,10 @@ python train_net.py --config-file configs/Synthetic/musu_R_18_FPN_synthetic.yaml
 python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <path or musu://name>
 python train_net.py --config-file <cfg> --resume          # continue from the last checkpoint
 python train_net.py --config-file <cfg> --num-gpus 8      # 8 processes (GPUs, or CPU with gloo)
-python train_net.py --config-file <cfg> --num-machines 2 --machine-rank 0 \
+python train_net.py --config-file <cfg> --num-machines 2 --machine-rank 0 \\
     --dist-url tcp://HOST0:PORT                           # one of 2 machines (rank 1 on the other)
 python train_net.py --config-file <cfg> --check-data      # decode every image first, list bad ones
-python train_net.py --config-file <cfg> --register-coco my_train ann.json images/ \
+python train_net.py --config-file <cfg> --register-coco my_train ann.json images/ \\
     DATASETS.TRAIN "('my_train',)"                        # your own COCO-format data
 
 The trainer is :class:`musu.engine.Trainer` (atomic checkpoints, ``model_best.pth``, mixed

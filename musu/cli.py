@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from typing import Optional, Sequence
 
 from .data.cli import add_register_coco_argument
 
 __all__ = [
     "add_opts_argument",
+    "add_tool_arguments",
     "non_negative_int",
     "output_folder",
     "parse_tool_args",
@@ -36,6 +38,7 @@ __all__ = [
 ]
 
 _OPTS_ALIAS_DEST = "_opts_alias"
+_CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+")  # e.g. SOLVER.MAX_ITER
 
 
 def add_opts_argument(parser: argparse.ArgumentParser) -> None:
@@ -69,28 +72,48 @@ def tool_argument_parser(
     reads_data: bool = True,
     several_configs: bool = False,
 ) -> argparse.ArgumentParser:
-    """A parser with ``--config-file``, ``--register-coco`` (if ``reads_data``) and the overrides.
-
-    With ``several_configs``, ``--config-file`` takes one or more files (``args.config_file`` is
-    a list). The tool adds its own options to the parser it gets; the overrides stay last on the
-    command line. Parse with :func:`parse_tool_args`.
-    """
+    """A parser with ``--config-file``, ``--register-coco`` (if ``reads_data``) and the overrides
+    (:func:`add_tool_arguments`). The tool adds its own options to the parser it gets; the
+    overrides stay last on the command line. Parse with :func:`parse_tool_args`."""
     parser = argparse.ArgumentParser(
         description=description,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_tool_arguments(
+        parser,
+        config_required=config_required,
+        reads_data=reads_data,
+        several_configs=several_configs,
+    )
+    return parser
+
+
+def add_tool_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    config_required: bool = True,
+    reads_data: bool = True,
+    several_configs: bool = False,
+) -> None:
+    """Add ``--config-file``, ``--register-coco`` (if ``reads_data``) and the overrides to
+    ``parser`` (e.g. a subcommand's parser).
+
+    With ``several_configs``, ``--config-file`` takes one or more files, and may be repeated
+    (``--config-file A.yaml B.yaml`` or ``--config-file A.yaml --config-file B.yaml``;
+    ``args.config_file`` is a list).
+    """
     parser.add_argument(
         "--config-file",
         required=config_required,
         nargs="+" if several_configs else None,
+        action="extend" if several_configs else "store",
         metavar="FILE",
         help="musu or project config(s) (YAML)" if several_configs else "musu or project config",
     )
     if reads_data:
         add_register_coco_argument(parser)
     add_opts_argument(parser)
-    return parser
 
 
 def train_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -124,7 +147,9 @@ def parse_tool_args(
     pairs, naming the odd one out.
     """
     args = parser.parse_args(argv)
-    opts = list(args.opts or []) + list(getattr(args, _OPTS_ALIAS_DEST, None) or [])
+    opts = list(getattr(args, "opts", None) or []) + list(
+        getattr(args, _OPTS_ALIAS_DEST, None) or []
+    )
     if hasattr(args, _OPTS_ALIAS_DEST):
         delattr(args, _OPTS_ALIAS_DEST)
     if opts and opts[0] == "--":
@@ -135,6 +160,13 @@ def parse_tool_args(
             f"{' '.join(opts)}"
         )
     args.opts = opts
+    configs = args.config_file if isinstance(getattr(args, "config_file", None), list) else []
+    for config in configs:
+        if _CONFIG_KEY.fullmatch(config):
+            parser.error(
+                f"--config-file takes {config!r}, a config key: put the overrides after all "
+                "options, after another option, or after --opts"
+            )
     return args
 
 

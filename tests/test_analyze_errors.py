@@ -162,8 +162,7 @@ def test_tool_ap50_equals_coco_evaluator(tmp_path: Path) -> None:
     assert analyze_errors.main(argv) == 0
     text = (out / "errors.md").read_text()
     ap50 = {
-        name: float(text.split(f"\n| {name} | ")[-1].split("|")[1])
-        for name in ("cell", "platelet")
+        name: float(text.split(f"\n| {name} | ")[-1].split("|")[1]) for name in ("cell", "platelet")
     }
     # COCOEvaluator's AP50 is the mean of the per-class AP50 (both classes have objects).
     assert np.mean(list(ap50.values())) == pytest.approx(reference["AP50"], abs=1e-4)

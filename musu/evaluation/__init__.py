@@ -1,6 +1,9 @@
-"""Metrics beyond COCO AP: score/IoU consistency of dense detectors (paper Fig. 1 claim) and
-error analysis of COCO results (confusion matrix with background, precision/recall, PR curves)."""
+"""Metrics beyond COCO AP: score/IoU consistency of dense detectors (paper Fig. 1 claim),
+error analysis of COCO results (confusion matrix with background, precision/recall, PR curves
+from pycocotools' COCOeval) and :func:`evaluate_checkpoint` (COCO AP, inference time and
+consistency of one checkpoint, as ``tools/compare.py`` tabulates it)."""
 
+from .checkpoint_eval import evaluate_checkpoint
 from .consistency import (
     PRE_NMS_OPTS,
     ConsistencyEvaluator,
@@ -27,6 +30,7 @@ __all__ = [
     "ImageResults",
     "average_precision_markdown",
     "confusion_matrix",
+    "evaluate_checkpoint",
     "errors_markdown",
     "load_coco_results",
     "plot_confusion_matrix",
