@@ -143,13 +143,22 @@ def parse_tool_args(
 ) -> argparse.Namespace:
     """Parse ``argv``; ``args.opts`` holds the overrides from either spelling, in order.
 
-    Raises ``SystemExit`` (argparse's usage error) when the overrides are not ``KEY VALUE``
-    pairs, naming the odd one out.
+    With several config files (``several_configs``), the first word that is a config key
+    (``SOLVER.MAX_ITER``) and all after it are overrides: ``--config-file A.yaml B.yaml KEY
+    VALUE``. Raises ``SystemExit`` (argparse's usage error) when the overrides are not ``KEY
+    VALUE`` pairs.
     """
     args = parser.parse_args(argv)
-    opts = list(getattr(args, "opts", None) or []) + list(
-        getattr(args, _OPTS_ALIAS_DEST, None) or []
-    )
+    opts = list(getattr(args, "opts", None) or [])
+    if isinstance(getattr(args, "config_file", None), list):
+        # "--config-file A.yaml B.yaml KEY VALUE ...": the first config key ends the files.
+        configs = args.config_file
+        first_key = next((i for i, c in enumerate(configs) if _CONFIG_KEY.fullmatch(c)), None)
+        if first_key is not None:
+            args.config_file, opts = configs[:first_key], configs[first_key:] + opts
+            if not args.config_file:
+                parser.error(f"--config-file needs a config file before {configs[0]}")
+    opts += list(getattr(args, _OPTS_ALIAS_DEST, None) or [])
     if hasattr(args, _OPTS_ALIAS_DEST):
         delattr(args, _OPTS_ALIAS_DEST)
     if opts and opts[0] == "--":
@@ -160,13 +169,6 @@ def parse_tool_args(
             f"{' '.join(opts)}"
         )
     args.opts = opts
-    configs = args.config_file if isinstance(getattr(args, "config_file", None), list) else []
-    for config in configs:
-        if _CONFIG_KEY.fullmatch(config):
-            parser.error(
-                f"--config-file takes {config!r}, a config key: put the overrides after all "
-                "options, after another option, or after --opts"
-            )
     return args
 
 
