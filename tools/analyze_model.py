@@ -83,18 +83,27 @@ def model_inputs(cfg: CfgNode, args: argparse.Namespace) -> tuple[list[list[dict
     ], f"one blank {height}x{width} image"
 
 
-def count_flops(model: torch.nn.Module, batches: list, max_depth: int) -> tuple[float, str]:
-    """Mean FLOPs per image (fvcore counts one multiply-add as one flop) and the per-module
-    table of the first batch."""
-    totals = []
+def count_flops(
+    model: torch.nn.Module, batches: list, max_depth: int
+) -> tuple[float, dict[str, float], str]:
+    """Mean FLOPs per image (fvcore counts one multiply-add as one flop), the mean per module
+    (by the model's module names), and the per-module table of the first batch."""
+    totals, by_module = [], Counter()
     table = ""
     for batch in batches:
         analysis = FlopCountAnalysis(model, batch)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         totals.append(analysis.total())
+        by_module.update(analysis.by_module())
         if not table:
             table = flop_count_table(analysis, max_depth=max_depth)
-    return float(np.mean(totals)), table
+    # Detectron2's FlopCountAnalysis traces the model inside an adapter named "model".
+    means = {
+        name.removeprefix("model."): value / len(batches)
+        for name, value in by_module.items()
+        if name not in ("", "model")
+    }
+    return float(np.mean(totals)), means, table
 
 
 def count_activations(model: torch.nn.Module, batches: list) -> dict[str, float]:
@@ -120,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batches, source = model_inputs(cfg, args)
         with torch.no_grad():
             if "flop" in args.tasks:
-                results["flops"], table = count_flops(model, batches, args.max_depth)
+                flops, by_module, table = count_flops(model, batches, args.max_depth)
+                results.update(flops=flops, flops_by_module=by_module)
                 print(f"\nFLOPs ({source}): {results['flops'] / 1e9:.3f} G per image")
                 print(table)
             if "activation" in args.tasks:
