@@ -91,7 +91,8 @@ class Trainer(DefaultTrainer):
     @property
     def eval_results(self) -> Optional[OrderedDict]:
         """The results of the latest evaluation during training (``TEST.EVAL_PERIOD`` and the
-        final one), as :meth:`test` returns them; ``None`` before any."""
+        final one), as :meth:`test` returns them (empty without ``DATASETS.TEST``); ``None``
+        before any."""
         return getattr(self, "_last_eval_results", None)
 
     def train(self) -> Optional[OrderedDict]:
