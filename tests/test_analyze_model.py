@@ -54,3 +54,14 @@ def test_images_of_a_registered_dataset(tmp_path: Path) -> None:
     argv += ["--num-inputs", "2", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
     results = analyze_model.main(argv)
     assert results["flops_by_module"]["head.cls_score"] == 86 * 64 * 9 * 5
+
+
+def test_a_model_without_a_cpu_kernel_is_named() -> None:
+    """Detectron2's deformable convolution runs on CUDA only: parameters still count, FLOPs
+    stop with a message naming the config and the device to use."""
+    config = str(REPO_ROOT / "configs" / "COCO-Detection" / "musu_R_101_DCN_FPN_2x_ms_A3.yaml")
+    results = analyze_model.main(["--config-file", config, "--tasks", "parameter"])
+    assert results["parameters"] > 0
+    argv = ["--config-file", config, "--input-size", "64", "64", "--tasks", "flop"]
+    with pytest.raises(SystemExit, match="musu_R_101_DCN.*MODEL.DEVICE cuda"):
+        analyze_model.main(argv)

@@ -114,6 +114,24 @@ def count_activations(model: torch.nn.Module, batches: list) -> dict[str, float]
     return {op: value / len(batches) for op, value in counts.items()}
 
 
+def run_counters(
+    model: torch.nn.Module, batches: list, source: str, args: argparse.Namespace, results: dict
+) -> None:
+    """The flop / activation tasks: fill ``results`` and print the tables."""
+    with torch.no_grad():
+        if "flop" in args.tasks:
+            flops, by_module, table = count_flops(model, batches, args.max_depth)
+            results.update(flops=flops, flops_by_module=by_module)
+            print(f"\nFLOPs ({source}): {results['flops'] / 1e9:.3f} G per image")
+            print(table)
+        if "activation" in args.tasks:
+            results["activations"] = count_activations(model, batches)
+            total = sum(results["activations"].values())
+            print(f"\nActivations ({source}): {total:.3f} M per image")
+            for op, value in sorted(results["activations"].items(), key=lambda kv: -kv[1]):
+                print(f"  {op}: {value:.3f} M")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_tool_args(build_parser(), argv)
     register_coco_datasets(args.register_coco)
@@ -127,18 +145,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(parameter_count_table(model, max_depth=args.max_depth))
     if {"flop", "activation"} & set(args.tasks):
         batches, source = model_inputs(cfg, args)
-        with torch.no_grad():
-            if "flop" in args.tasks:
-                flops, by_module, table = count_flops(model, batches, args.max_depth)
-                results.update(flops=flops, flops_by_module=by_module)
-                print(f"\nFLOPs ({source}): {results['flops'] / 1e9:.3f} G per image")
-                print(table)
-            if "activation" in args.tasks:
-                results["activations"] = count_activations(model, batches)
-                total = sum(results["activations"].values())
-                print(f"\nActivations ({source}): {total:.3f} M per image")
-                for op, value in sorted(results["activations"].items(), key=lambda kv: -kv[1]):
-                    print(f"  {op}: {value:.3f} M")
+        try:
+            run_counters(model, batches, source, args, results)
+        except NotImplementedError as error:  # e.g. deformable convolution has no CPU kernel
+            raise SystemExit(
+                f"{args.config_file}: the model does not run on MODEL.DEVICE {cfg.MODEL.DEVICE} "
+                f"({error}); count flop / activation with MODEL.DEVICE cuda on a GPU machine "
+                "(parameter and structure need no forward pass)"
+            ) from error
     if "structure" in args.tasks:
         results["structure"] = str(model)
         print("\nStructure:\n" + results["structure"])
