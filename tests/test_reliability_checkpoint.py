@@ -32,6 +32,7 @@ from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 import musu
+from musu.data import register_coco_datasets
 from musu.data.synthetic import ensure_split
 from musu.engine import AtomicCheckpointer
 from musu.engine import checkpoint as checkpoint_module
@@ -207,7 +208,7 @@ def test_sigkill_then_resume_continues_from_last_complete_checkpoint(tmp_path: P
 
     # Resume in-process exactly as `train_net.py --resume` does.
     args = train_net.build_parser().parse_args([*argv, "--resume", *_opts(dataset, output_dir)])
-    train_net.register_datasets(args)
+    register_coco_datasets(args.register_coco)
     cfg = train_net.setup(args)
     trainer = train_net.Trainer(cfg)
     periodic = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
