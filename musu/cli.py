@@ -159,6 +159,8 @@ def parse_tool_args(
             if not args.config_file:
                 parser.error(f"--config-file needs a config file before {configs[0]}")
     opts += list(getattr(args, _OPTS_ALIAS_DEST, None) or [])
+    # The trailing opts take everything after them, "--opts" included: it only separates.
+    opts = [word for word in opts if word != "--opts"]
     if hasattr(args, _OPTS_ALIAS_DEST):
         delattr(args, _OPTS_ALIAS_DEST)
     if opts and opts[0] == "--":
