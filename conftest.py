@@ -3,8 +3,8 @@
 * Every requirement must be present; a missing one stops the run loudly. Tests never skip
   because a dependency is absent: they fail here, naming the fix.
 * The scripts (``train_net.py`` at the root, ``tools/*.py``, ``tools/analysis/*.py``,
-  ``tools/benchmarks/*.py``) are importable by name in tests (``import train_net``, ``import compare``): this is the one place
-  that edits ``sys.path``.
+  ``tools/benchmarks/*.py``) are importable by name in tests (``import train_net``,
+  ``import compare``): this is the one place that edits ``sys.path``.
 """
 
 from __future__ import annotations

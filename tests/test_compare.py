@@ -84,7 +84,8 @@ def test_dataset_names_and_markdown_table() -> None:
 
 def test_train_fcos_via_train_net_then_evaluate(tiny_split: list, tmp_path: Path) -> None:
     name = tiny_split[0][0]
-    argv = ["--config-file", str(FCOS_CFG), "--dataset", f"{name},{name}", "--output", str(tmp_path),
+    argv = ["--config-file", str(FCOS_CFG), "--dataset", f"{name},{name}",
+            "--output", str(tmp_path),
             "--max-iter", "3", "--warmup", "1", "--skip-iters", "0",
             "--max-eval-images", "2"]  # fmt: skip
     for entry in tiny_split:
@@ -112,7 +113,8 @@ def test_eval_only_on_a_musu_checkpoint(tiny_split: list, tmp_path: Path) -> Non
     cfg = musu.build_config(str(MUSU_CFG), opts)
     model = build_model(cfg)
     torch.save({"model": model.state_dict()}, tmp_path / "musu.pth")
-    argv = ["--config-file", str(MUSU_CFG), "--dataset", f"{name},{name}", "--output", str(tmp_path),
+    argv = ["--config-file", str(MUSU_CFG), "--dataset", f"{name},{name}",
+            "--output", str(tmp_path),
             "--eval-only", "--checkpoints", str(tmp_path / "musu.pth"), "--warmup", "1",
             "--max-eval-images", "2"]  # fmt: skip
     rows = compare.main(argv + ["--opts", *TINY])
@@ -146,7 +148,8 @@ def test_seeds_and_a_diverged_run(tiny_split: list, tmp_path: Path) -> None:
     """--seeds: run dirs <config>_seed<s> trained with SEED s; a learning rate that makes the
     loss non-finite is recorded as diverged (not evaluated) instead of stopping the script."""
     name = tiny_split[0][0]
-    argv = ["--config-file", str(FCOS_CFG), "--dataset", f"{name},{name}", "--output", str(tmp_path),
+    argv = ["--config-file", str(FCOS_CFG), "--dataset", f"{name},{name}",
+            "--output", str(tmp_path),
             "--max-iter", "2", "--warmup", "1", "--skip-iters", "0", "--max-eval-images", "1",
             "--seeds", "3"]  # fmt: skip
     for entry in tiny_split:

@@ -1,5 +1,5 @@
-"""tools/analysis/visualize.py assignment-stats: a PNG from the musu/* and musu_shadow/* scalars of two
-runs' metrics.json, and a clear error for a run that logged none."""
+"""tools/analysis/visualize.py assignment-stats: a PNG from the musu/* and musu_shadow/* scalars
+of two runs' metrics.json, and a clear error for a run that logged none."""
 
 from __future__ import annotations
 

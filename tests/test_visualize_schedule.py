@@ -1,5 +1,5 @@
-"""tools/analysis/visualize.py schedule: the schedule-curve PNG and table from a CSV of runs, and clear
-errors for a CSV it cannot read."""
+"""tools/analysis/visualize.py schedule: the schedule-curve PNG and table from a CSV of runs, and
+clear errors for a CSV it cannot read."""
 
 from __future__ import annotations
 

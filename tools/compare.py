@@ -31,8 +31,9 @@ With ``--seeds 0 1 ...`` every config is trained once per seed (``SEED s``, run 
 spread (sample standard deviation, min-max) per method. A training that stops on a non-finite
 loss (Detectron2's ``FloatingPointError``) is recorded as diverged, not evaluated, and counted
 in that summary; any other training failure stops the script.
-Datasets: ``--dataset synthetic`` / ``bccd`` / ``cards`` (built-in), ``--dataset TRAIN,TEST`` (registered
-names), or ``--register-coco NAME JSON IMAGE_ROOT`` (repeatable) for any COCO-format folder.
+Datasets: ``--dataset synthetic`` / ``bccd`` / ``cards`` (built-in), ``--dataset TRAIN,TEST``
+(registered names), or ``--register-coco NAME JSON IMAGE_ROOT`` (repeatable) for any COCO-format
+folder.
 Overrides (``KEY VALUE`` after all options, or after ``--opts``) apply to every config.
 """
 

@@ -8,9 +8,9 @@ With ``MODEL.MUSU.NUM_ANCHORS`` A > 1 every location predicts A boxes. This runs
 ``--dataset`` A + 1 times: with all slots, then with only slot a (a = 0..A-1): the other slots'
 objectness logits are set to -inf by a forward hook on ``model.head``, so their scores are 0 and
 inference drops them (the per-level top-k then fills from the kept slot). Each pass is
-:func:`musu.evaluation.evaluate_checkpoint` (``tools/compare.py``'s evaluation): COCO AP with the config's inference settings, and on the
-pre-NMS candidates (``musu.evaluation.PRE_NMS_OPTS``) the consistency of
-``musu.evaluation.consistency``.
+:func:`musu.evaluation.evaluate_checkpoint` (``tools/compare.py``'s evaluation): COCO AP with
+the config's inference settings, and on the pre-NMS candidates (``musu.evaluation.PRE_NMS_OPTS``)
+the consistency of ``musu.evaluation.consistency``.
 When every slot alone ranks its own candidates better than all slots together, the slots'
 scores are not comparable with each other (one slot outscores another that localizes better).
 Prints one Markdown table; ``--output FILE`` also writes it.
