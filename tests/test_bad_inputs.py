@@ -33,6 +33,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
 import musu
+from musu.cli import parse_tool_args
 from musu.data import UnreadableImageError, register_coco_dataset
 from musu.data.synthetic import ensure_split
 from musu.engine import AtomicCheckpointer, UnsafeWeightsError, WeightsFileError
@@ -135,7 +136,7 @@ class Env:
             "INPUT.MAX_SIZE_TEST", "64",
             *opts,
         ]  # fmt: skip
-        return train_net.main(train_net.argument_parser().parse_args(argv))
+        return train_net.main(parse_tool_args(train_net.build_parser(), argv))
 
     def cfg(self, *opts: Any, dataset: str = ""):
         """The training config of :meth:`train_net`, through ``train_net.setup``."""
@@ -145,7 +146,7 @@ class Env:
         argv += ["DATASETS.TEST", f"('{dataset}',)", "DATALOADER.NUM_WORKERS", "0"]
         argv += ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(64,)"]
         argv += ["INPUT.MAX_SIZE_TRAIN", "64", *map(str, opts)]
-        return train_net.setup(train_net.argument_parser().parse_args(argv))
+        return train_net.setup(parse_tool_args(train_net.build_parser(), argv))
 
     def demo(self, *argv: str, weights: str | None = None) -> int:
         image = next(iter(sorted(self.image_root.iterdir())))

@@ -32,6 +32,8 @@ from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 import musu
+from musu.cli import parse_tool_args
+from musu.data import register_coco_datasets
 from musu.data.synthetic import ensure_split
 from musu.engine import AtomicCheckpointer
 from musu.engine import checkpoint as checkpoint_module
@@ -206,8 +208,8 @@ def test_sigkill_then_resume_continues_from_last_complete_checkpoint(tmp_path: P
     assert last_iter < MAX_ITER - 1, "the run finished before the kill"
 
     # Resume in-process exactly as `train_net.py --resume` does.
-    args = train_net.argument_parser().parse_args([*argv, "--resume", *_opts(dataset, output_dir)])
-    train_net.register_datasets(args)
+    args = train_net.build_parser().parse_args([*argv, "--resume", *_opts(dataset, output_dir)])
+    register_coco_datasets(args.register_coco)
     cfg = train_net.setup(args)
     trainer = train_net.Trainer(cfg)
     periodic = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
@@ -449,7 +451,7 @@ def test_train_net_resume_skips_truncated_final_and_keeps_it(tmp_path: Path) -> 
         run_opts = list(opts)
         run_opts[run_opts.index("SOLVER.MAX_ITER") + 1] = str(max_iter)
         argv = ["--config-file", str(SYNTHETIC_CONFIG), *register, *flags, *run_opts]
-        args = train_net.argument_parser().parse_args(argv)
+        args = parse_tool_args(train_net.build_parser(), argv)
         train_net.register_datasets(args)
         trainer = train_net.Trainer(train_net.setup(args))
         trainer.resume_or_load(resume=args.resume)

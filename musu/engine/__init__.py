@@ -1,4 +1,10 @@
-"""Training-loop pieces for musu: atomic checkpoints, fail-fast data checks, metrics reading.
+"""musu's trainer and its pieces: atomic checkpoints, fail-fast data checks, metrics reading.
+
+* :class:`Trainer`: Detectron2's ``DefaultTrainer`` with all of the below (``train_net.py``'s
+  trainer; import it to train from a script of your own); :func:`check_data` decodes every image
+  of a config's datasets.
+* :func:`launch`: Detectron2's ``launch`` that stops cleanly on SIGTERM / SIGINT and prints the
+  command that resumes; :func:`exit_when_preempted` for the training call in each process.
 
 * :class:`AtomicCheckpointer`: a ``DetectionCheckpointer`` whose checkpoint files and
   ``last_checkpoint`` tag are written atomically (:func:`atomic_write`: temporary file, fsync,
@@ -22,6 +28,7 @@ from .best_checkpoint import BEST_METRIC, BestCheckpointer
 from .checkpoint import AtomicCheckpointer, NoResumableCheckpointError, atomic_write
 from .data_checks import check_dataset_classes
 from .distributed import create_ddp_model, limit_cpu_threads_per_process
+from .launch import exit_when_preempted, launch, resume_command
 from .metrics import read_metrics_json, train_seconds_per_iter
 from .preemption import (
     PREEMPTION_SIGNALS,
@@ -32,6 +39,7 @@ from .preemption import (
     preemption_exit_code,
 )
 from .weights_io import UnsafeWeightsError, WeightsFileError, load_weights_file
+from .trainer import Trainer, check_data
 
 __all__ = [
     "AtomicCheckpointer",
@@ -45,12 +53,17 @@ __all__ = [
     "PreemptionHook",
     "SignalShieldedMapper",
     "atomic_write",
+    "Trainer",
+    "check_data",
     "check_dataset_classes",
     "create_ddp_model",
+    "exit_when_preempted",
     "forward_signals_to_children",
+    "launch",
     "limit_cpu_threads_per_process",
     "load_weights_file",
     "preemption_exit_code",
     "read_metrics_json",
+    "resume_command",
     "train_seconds_per_iter",
 ]
