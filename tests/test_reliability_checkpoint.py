@@ -452,7 +452,7 @@ def test_train_net_resume_skips_truncated_final_and_keeps_it(tmp_path: Path) -> 
         run_opts[run_opts.index("SOLVER.MAX_ITER") + 1] = str(max_iter)
         argv = ["--config-file", str(SYNTHETIC_CONFIG), *register, *flags, *run_opts]
         args = parse_tool_args(train_net.build_parser(), argv)
-        train_net.register_datasets(args)
+        register_coco_datasets(args.register_coco)
         trainer = train_net.Trainer(train_net.setup(args))
         trainer.resume_or_load(resume=args.resume)
         return trainer
