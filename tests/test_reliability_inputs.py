@@ -26,7 +26,7 @@ from musu.engine import AtomicCheckpointer
 import train_net  # the root script (conftest.py puts the root on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
+CONFIG = REPO / "configs" / "Synthetic" / "musu_paper_R_18_FPN_1200it.yaml"
 
 
 def _dataset(tmp_path: Path, name: str, break_images=None, images=None) -> tuple[Path, Path]:

@@ -4,7 +4,7 @@
 (``musu_shadow/*``, the FCOS rule unless ``MODEL.MUSU.SHADOW_ASSIGNER`` says otherwise).
 
     # at initialization (no weights): where the paper's 2s x 2s prior puts the candidate bags
-    python tools/assignment_stats.py configs/BCCD/musu_R_18_FPN_bccd.yaml --images 32
+    python tools/assignment_stats.py configs/BCCD/musu_paper_R_18_FPN_300it.yaml --images 32
     # a trained model, or another prior
     python tools/assignment_stats.py CFG --weights model_final.pth
     python tools/assignment_stats.py CFG --opts MODEL.MUSU.INITIAL_BOX_SIZE 4.0

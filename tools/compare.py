@@ -2,8 +2,8 @@
 """Train and evaluate detectors side by side with identical budgets; print one table.
 
     python tools/compare.py --dataset synthetic --output /tmp/runs/compare/synthetic \
-        configs/Synthetic/musu_R_18_FPN_synthetic.yaml \
-        configs/Synthetic/fcos_R_18_FPN_synthetic.yaml [--opts KEY VALUE ...]
+        configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml \
+        configs/Synthetic/fcos_R_18_FPN_1200it.yaml [--opts KEY VALUE ...]
     python tools/compare.py --eval-only --checkpoints A/model_final.pth B/model_final.pth \
         --output DIR CFG_A CFG_B
 

@@ -2,7 +2,7 @@
 """Publish a training run's weights to MuSu's model zoo.
 
 python tools/publish_model.py --run-dir /tmp/runs/zoo/synthetic \
-    --name Synthetic/musu_R_18_FPN_synthetic --output /path/to/mirror [--update-table]
+    --name Synthetic/musu_paper_R_18_FPN_1200it --output /path/to/mirror [--update-table]
 python tools/publish_model.py --print-table     # MODEL_ZOO.md's table, from models.json
 
 Reads ``<run-dir>/model_final.pth`` (or ``--checkpoint``), keeps only the model's state dict
@@ -179,7 +179,7 @@ def publish(
     """Write ``<output>/<name>/model_final_<sha256[:12]>.pth`` and ``metrics.json``.
 
     ``checkpoint``: a Detectron2 training checkpoint (loaded weights-only); ``name``: the config
-    name in the zoo (``"Synthetic/musu_R_18_FPN_synthetic"``, ``.yaml`` optional); ``run_dir``:
+    name in the zoo (``"Synthetic/musu_paper_R_18_FPN_1200it"``, ``.yaml`` optional); ``run_dir``:
     the training output folder the numbers come from (default: the checkpoint's folder);
     ``config_file``: the run's config (default: ``<run_dir>/config.yaml``, if present).
     """
@@ -264,7 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", help="train_net.py OUTPUT_DIR of the run")
     parser.add_argument(
-        "--name", help="config path under configs/, e.g. Synthetic/musu_R_18_FPN_synthetic"
+        "--name", help="config path under configs/, e.g. Synthetic/musu_paper_R_18_FPN_1200it"
     )
     parser.add_argument("--output", help="folder mirroring the release location")
     parser.add_argument("--checkpoint", help="default: <run-dir>/model_final.pth")
