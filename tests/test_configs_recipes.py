@@ -7,6 +7,8 @@ the runs the results page reports.
   plus the overrides written in the study's commands (docs/study/small_data.md, rules 8-10;
   docs/study/paper_settings.md for the synthetic FCOS runs), except ``SHADOW_ASSIGNER`` and
   ``OUTPUT_DIR``.
+* Every config file opens with a one-line comment saying what it is.
+* Every config file opens with a one-line comment saying what it is.
 * ``SHADOW_ASSIGNER`` (logging only) and ``SCORE_THRESH_TEST`` (inference only) leave a training
   step unchanged: same losses, same gradients, same random state afterwards.
 """
@@ -191,3 +193,14 @@ def test_shadow_assigner_and_score_threshold_do_not_change_training() -> None:
     for name, grad in study["grads"].items():
         assert torch.equal(grad, shipped["grads"][name]), name
     assert torch.equal(study["rng"], shipped["rng"])
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(CONFIGS.rglob("*.yaml")),
+    ids=[p.relative_to(CONFIGS).as_posix() for p in sorted(CONFIGS.rglob("*.yaml"))],
+)
+def test_every_config_file_opens_with_a_one_line_comment(path: Path) -> None:
+    """The first line says what the file is: a ``# `` comment within 100 columns."""
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and len(first) > 10 and len(first) <= 100, (path, first)
