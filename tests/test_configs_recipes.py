@@ -8,7 +8,6 @@ the runs the results page reports.
   docs/study/paper_settings.md for the synthetic FCOS runs), except ``SHADOW_ASSIGNER`` and
   ``OUTPUT_DIR``.
 * Every config file opens with a one-line comment saying what it is.
-* Every config file opens with a one-line comment saying what it is.
 * ``SHADOW_ASSIGNER`` (logging only) and ``SCORE_THRESH_TEST`` (inference only) leave a training
   step unchanged: same losses, same gradients, same random state afterwards.
 """
