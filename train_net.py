@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train and evaluate MuSu (and the other detectors of this repository) with Detectron2.
 
-python train_net.py --config-file configs/Synthetic/musu_R_18_FPN_synthetic.yaml
+python train_net.py --config-file configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml
 python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <path or musu://name>
 python train_net.py --config-file <cfg> --resume          # continue from the last checkpoint
 python train_net.py --config-file <cfg> --num-gpus 8      # 8 processes (GPUs, or CPU with gloo)

@@ -27,7 +27,7 @@ import train_net  # the root script (conftest.py puts the root on sys.path)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-SYNTHETIC_CONFIG = REPO_ROOT / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
+SYNTHETIC_CONFIG = REPO_ROOT / "configs" / "Synthetic" / "musu_paper_R_18_FPN_1200it.yaml"
 from musu.modeling.assigners import MuSuAssigner
 
 TRAIN_NAME, VAL_NAME = "amp_synthetic_train", "amp_synthetic_val"
@@ -36,7 +36,7 @@ TRAIN_NAME, VAL_NAME = "amp_synthetic_train", "amp_synthetic_val"
 def _tiny_model(num_anchors: int):
     cfg = get_cfg()
     musu.add_musu_config(cfg)
-    cfg.merge_from_file("configs/Synthetic/musu_R_18_FPN_synthetic.yaml")
+    cfg.merge_from_file("configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml")
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.MUSU.NUM_ANCHORS = num_anchors
     torch.manual_seed(0)
@@ -209,7 +209,7 @@ def test_cpu_autocast_trainer_steps_in_bfloat16_and_keeps_float32_weights(monkey
 
 def test_channels_last_model_gives_the_same_losses() -> None:
     cfg = _amp_cfg(enabled=False)
-    cfg.merge_from_file("configs/Synthetic/musu_R_18_FPN_synthetic.yaml")
+    cfg.merge_from_file("configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml")
     batch = _batch()
     results = []
     for channels_last in (False, True):
@@ -313,7 +313,7 @@ def test_train_net_trains_in_bf16_and_evaluates_in_float32_and_back(
 
 def test_d2fcos_trains_under_bf16_autocast_with_float32_losses() -> None:
     cfg = _amp_cfg(enabled=False)
-    cfg.merge_from_file("configs/Synthetic/fcos_R_18_FPN_synthetic.yaml")
+    cfg.merge_from_file("configs/Synthetic/fcos_R_18_FPN_1200it.yaml")
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()

@@ -220,7 +220,7 @@ def test_tool_help_names_inputs_and_outputs(capsys) -> None:
 @pytest.mark.parametrize(
     "config",
     [
-        "configs/Synthetic/musu_R_18_FPN_synthetic.yaml",
+        "configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml",
         "projects/MutualGuidance/configs/Synthetic/retinanet_mg_R_18_FPN_synthetic.yaml",
     ],
 )

@@ -9,7 +9,7 @@ import analyze_model  # tools/analyze_model.py (conftest.py puts tools/ on sys.p
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SYNTHETIC = REPO_ROOT / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
+SYNTHETIC = REPO_ROOT / "configs" / "Synthetic" / "musu_paper_R_18_FPN_1200it.yaml"
 
 
 def test_counts_of_the_quick_start_model(capsys) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from musu.data import register_synthetic_split
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs/Synthetic/musu_R_18_FPN_synthetic.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml"
 
 
 def test_statistics_at_initialization(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

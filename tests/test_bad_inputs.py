@@ -42,7 +42,7 @@ from musu.model_zoo import ModelZooError
 import train_net  # the root script (conftest.py puts the root on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
+CONFIG = REPO / "configs" / "Synthetic" / "musu_paper_R_18_FPN_1200it.yaml"
 WARNING = "warning"  # expected outcome of a row that must log a warning and go on
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "tools" / "benchmarks"
-SYNTHETIC = "configs/Synthetic/musu_R_18_FPN_synthetic.yaml"
+SYNTHETIC = "configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml"
 
 
 def run(script: str, *args: str) -> str:

@@ -18,7 +18,7 @@ from musu.engine import AtomicCheckpointer, BestCheckpointer
 import train_net  # the root script (conftest.py puts the root on sys.path)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BASE_CONFIG = REPO_ROOT / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
+BASE_CONFIG = REPO_ROOT / "configs" / "Synthetic" / "musu_paper_R_18_FPN_1200it.yaml"
 TRAIN_NAME, VAL_NAME = "best_synthetic_train", "best_synthetic_val"
 
 

@@ -15,7 +15,7 @@ from musu.data.synthetic import ensure_split
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [
-    "configs/Synthetic/musu_R_18_FPN_synthetic.yaml",
+    "configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml",
     "projects/MutualGuidance/configs/Synthetic/retinanet_mg_R_18_FPN_synthetic.yaml",
 ]
 

@@ -24,8 +24,8 @@ from signalled_run import group_killed_on_exit, wait_for_checkpoint, wait_for_gr
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-MUSU_CFG = REPO_ROOT / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
-FCOS_CFG = REPO_ROOT / "configs" / "Synthetic" / "fcos_R_18_FPN_synthetic.yaml"
+MUSU_CFG = REPO_ROOT / "configs" / "Synthetic" / "musu_paper_R_18_FPN_1200it.yaml"
+FCOS_CFG = REPO_ROOT / "configs" / "Synthetic" / "fcos_R_18_FPN_1200it.yaml"
 TINY = [
     "DATALOADER.NUM_WORKERS", "0",
     "SOLVER.IMS_PER_BATCH", "2",
@@ -91,8 +91,8 @@ def test_train_fcos_via_train_net_then_evaluate(tiny_split: list, tmp_path: Path
     for entry in tiny_split:
         argv += ["--register-coco", *entry]
     rows = compare.main(argv + ["--opts", *TINY])
-    row = rows["fcos_R_18_FPN_synthetic"]
-    run_dir = tmp_path / "fcos_R_18_FPN_synthetic"
+    row = rows["fcos_R_18_FPN_1200it"]
+    run_dir = tmp_path / "fcos_R_18_FPN_1200it"
     # Trained by train_net.py in a subprocess: its config says D2FCOS, its log says FCOS.
     assert (run_dir / "model_final.pth").is_file()
     assert "D2FCOS" in (run_dir / "config.yaml").read_text()
@@ -104,7 +104,7 @@ def test_train_fcos_via_train_net_then_evaluate(tiny_split: list, tmp_path: Path
     # Disabling NMS can only add candidates around each object.
     assert row["mean_overlap"] >= row["post_nms_mean_overlap"]
     assert (tmp_path / "compare.md").read_text().startswith("| method |")
-    assert "fcos_R_18_FPN_synthetic" in json.loads((tmp_path / "compare.json").read_text())
+    assert "fcos_R_18_FPN_1200it" in json.loads((tmp_path / "compare.json").read_text())
 
 
 def test_eval_only_on_a_musu_checkpoint(tiny_split: list, tmp_path: Path) -> None:
@@ -118,7 +118,7 @@ def test_eval_only_on_a_musu_checkpoint(tiny_split: list, tmp_path: Path) -> Non
             "--eval-only", "--checkpoints", str(tmp_path / "musu.pth"), "--warmup", "1",
             "--max-eval-images", "2"]  # fmt: skip
     rows = compare.main(argv + ["--opts", *TINY])
-    row = rows["musu_R_18_FPN_synthetic"]
+    row = rows["musu_paper_R_18_FPN_1200it"]
     assert math.isnan(row["train_s_per_iter"])  # no metrics.json beside this checkpoint
     assert row["num_objects"] > 0 and row["infer_s_per_image"] > 0
     assert (tmp_path / "compare.md").is_file()
@@ -155,13 +155,13 @@ def test_seeds_and_a_diverged_run(tiny_split: list, tmp_path: Path) -> None:
     for entry in tiny_split:
         argv += ["--register-coco", *entry]
     rows = compare.main(argv + ["--opts", *TINY, "SOLVER.BASE_LR", "1e30"])
-    assert rows == {"fcos_R_18_FPN_synthetic_seed3": {
-        "diverged": True, "error": rows["fcos_R_18_FPN_synthetic_seed3"]["error"],
+    assert rows == {"fcos_R_18_FPN_1200it_seed3": {
+        "diverged": True, "error": rows["fcos_R_18_FPN_1200it_seed3"]["error"],
         "config": str(FCOS_CFG)}}  # fmt: skip
-    run_dir = tmp_path / "fcos_R_18_FPN_synthetic_seed3"
+    run_dir = tmp_path / "fcos_R_18_FPN_1200it_seed3"
     assert "SEED: 3" in (run_dir / "config.yaml").read_text()
     saved = json.loads((tmp_path / "compare.json").read_text())
-    assert saved["summary"]["fcos_R_18_FPN_synthetic"]["diverged"] == 1
+    assert saved["summary"]["fcos_R_18_FPN_1200it"]["diverged"] == 1
     assert "(diverged)" in (tmp_path / "compare.md").read_text()
 
 

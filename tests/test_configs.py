@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.rglob("*.yaml"))
 CONFIG_SOURCE = REPO / "musu" / "config.py"
-SYNTHETIC_CONFIG = CONFIG_DIR / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
+SYNTHETIC_CONFIG = CONFIG_DIR / "Synthetic" / "musu_paper_R_18_FPN_1200it.yaml"
 COCO_R50_1X = CONFIG_DIR / "COCO-Detection" / "musu_R_50_FPN_1x.yaml"
 TINY_SIZE = 64
 
@@ -140,7 +140,7 @@ def test_config_files_found() -> None:
         "COCO-Detection/musu_R_50_FPN_1x.yaml",
         "COCO-Detection/musu_R_101_DCN_FPN_2x_ms_A3.yaml",
         "COCO-Detection/ablations/table1_alpha_0.yaml",
-        "Synthetic/musu_R_18_FPN_synthetic.yaml",
+        "Synthetic/musu_paper_R_18_FPN_1200it.yaml",
     ):
         assert expected in names
 

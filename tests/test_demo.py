@@ -19,7 +19,7 @@ from musu.data.synthetic import ensure_split
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
-    "musu": REPO_ROOT / "configs/Synthetic/musu_R_18_FPN_synthetic.yaml",
+    "musu": REPO_ROOT / "configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml",
     "mg": REPO_ROOT
     / "projects/MutualGuidance/configs/Synthetic/retinanet_mg_R_18_FPN_synthetic.yaml",
 }

@@ -13,7 +13,7 @@ from musu.data import register_synthetic_split
 from musu.engine import AtomicCheckpointer, BestCheckpointer, PreemptionHook, Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG = REPO_ROOT / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
+CONFIG = REPO_ROOT / "configs" / "Synthetic" / "musu_paper_R_18_FPN_1200it.yaml"
 TRAIN, VAL = "trainer_reuse_train", "trainer_reuse_val"
 
 

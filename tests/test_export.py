@@ -34,8 +34,8 @@ from musu.export import ExportedModel, export_model, sample_image
 import train_net  # the root script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MUSU_CONFIG = REPO_ROOT / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
-FCOS_CONFIG = REPO_ROOT / "configs" / "Synthetic" / "fcos_R_18_FPN_synthetic.yaml"
+MUSU_CONFIG = REPO_ROOT / "configs" / "Synthetic" / "musu_paper_R_18_FPN_1200it.yaml"
+FCOS_CONFIG = REPO_ROOT / "configs" / "Synthetic" / "fcos_R_18_FPN_1200it.yaml"
 MG_CONFIG = (
     REPO_ROOT / "projects/MutualGuidance/configs/Synthetic/retinanet_mg_R_18_FPN_synthetic.yaml"
 )

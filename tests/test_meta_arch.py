@@ -1,6 +1,6 @@
 """Tests of the ``MuSu`` meta-architecture: anchor order, training steps, losses, inference.
 
-Models come from ``configs/Synthetic/musu_R_18_FPN_synthetic.yaml`` (R-18, 64-channel FPN and
+Models come from ``configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml`` (R-18, 64-channel FPN and
 head, 5 classes) on CPU, with 64-128 px inputs. Notation: N images, R anchor slots over all levels
 (order: level, H, W, A), C classes, A anchor slots per location, M objects.
 """
@@ -27,7 +27,7 @@ from musu.modeling.assigners import Anchors, WarmupSwitch
 from musu.modeling.meta_arch import anchor_points, decode_boxes
 
 REPO = Path(__file__).resolve().parents[1]
-SYNTHETIC_CONFIG = REPO / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
+SYNTHETIC_CONFIG = REPO / "configs" / "Synthetic" / "musu_paper_R_18_FPN_1200it.yaml"
 STRIDES = [8, 16, 32, 64, 128]
 NUM_CLASSES = 5  # of the synthetic config
 LOSS_KEYS = {"loss_musu_cls", "loss_musu_reg"}

@@ -29,7 +29,7 @@ from musu.data import register_synthetic_split
 import train_net  # the root script (conftest.py puts the root on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
+CONFIG = REPO / "configs" / "Synthetic" / "musu_paper_R_18_FPN_1200it.yaml"
 TRAIN, VAL = "multiprocess_train", "multiprocess_val"
 TIMEOUT_S = 600
 

@@ -36,7 +36,7 @@ import train_net  # the root script (conftest.py puts the root on sys.path)
 from signalled_run import group_killed_on_exit, wait_for_checkpoint, wait_for_group_exit
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
+CONFIG = REPO / "configs" / "Synthetic" / "musu_paper_R_18_FPN_1200it.yaml"
 DATASET = "preemption_train"
 MAX_ITER, PERIOD = 8, 3  # periodic checkpoints after iterations 2 and 5
 

@@ -43,7 +43,7 @@ import train_net  # the root script (conftest.py puts the root on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 
-SYNTHETIC_CONFIG = REPO / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
+SYNTHETIC_CONFIG = REPO / "configs" / "Synthetic" / "musu_paper_R_18_FPN_1200it.yaml"
 
 
 class _Capture(logging.Handler):

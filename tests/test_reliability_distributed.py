@@ -29,7 +29,7 @@ import musu
 from musu.modeling import meta_arch
 
 REPO = Path(__file__).resolve().parents[1]
-SYNTHETIC_CONFIG = REPO / "configs" / "Synthetic" / "musu_R_18_FPN_synthetic.yaml"
+SYNTHETIC_CONFIG = REPO / "configs" / "Synthetic" / "musu_paper_R_18_FPN_1200it.yaml"
 WORLD_SIZE = 2
 
 

@@ -12,7 +12,7 @@ import musu
 from musu.data import register_synthetic_split
 from musu.model_zoo import load_model
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs/Synthetic/musu_R_18_FPN_synthetic.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml"
 SMALL = ["MODEL.MUSU.NUM_ANCHORS", "2", "MODEL.MUSU.NUM_CONVS", "1",
          "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96"]  # fmt: skip
 

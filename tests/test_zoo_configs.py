@@ -22,7 +22,7 @@ REPO_CONFIGS = sorted(
 
 
 def test_repository_configs_found() -> None:
-    assert "Synthetic/musu_R_18_FPN_synthetic.yaml" in REPO_CONFIGS
+    assert "Synthetic/musu_paper_R_18_FPN_1200it.yaml" in REPO_CONFIGS
     assert "COCO-Detection/musu_R_50_FPN_1x.yaml" in REPO_CONFIGS
     assert model_zoo.list_configs() == REPO_CONFIGS
 

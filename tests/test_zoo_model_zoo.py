@@ -38,8 +38,8 @@ import train_net  # the root script (conftest.py puts the root and tools/ on sys
 from publish_model import PublishedModel, publish
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG = "Synthetic/musu_R_18_FPN_synthetic.yaml"
-NAME = "Synthetic/musu_R_18_FPN_synthetic"
+CONFIG = "Synthetic/musu_paper_R_18_FPN_1200it.yaml"
+NAME = "Synthetic/musu_paper_R_18_FPN_1200it"
 SERVER_LIFETIME_S = 300.0
 
 

@@ -27,7 +27,7 @@ from publish_model import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-NAME = "Synthetic/musu_R_18_FPN_synthetic"
+NAME = "Synthetic/musu_paper_R_18_FPN_1200it"
 
 
 def _model() -> nn.Module:
@@ -114,7 +114,7 @@ def test_model_zoo_row_and_table_entry(tmp_path: Path) -> None:
     row = model_zoo_row(published, "https://example.org/zoo")
     cells = [c.strip() for c in row.strip("|").split(" | ")]
     assert cells[:8] == [
-        "musu_R_18_FPN_synthetic",
+        "musu_paper_R_18_FPN_1200it",
         f"[config](configs/{NAME}.yaml)",
         "600 it × 8 im",
         "0.600",

@@ -18,7 +18,7 @@ Outputs (in --output DIR):
 The confusion matrix's matching rule is in musu/evaluation/errors.py.
 
     python tools/analyze_errors.py --dataset musu_synthetic_val --output errors_out \\
-        --results output/musu_R_18_FPN_synthetic/inference/musu_synthetic_val/coco_instances_results.json
+        --results output/synthetic/musu_paper_R_18_FPN_1200it/inference/musu_synthetic_val/coco_instances_results.json
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ Inputs for flop / activation: --num-inputs images of --dataset through the confi
 square of the config's INPUT.MIN_SIZE_TEST). The model is built in evaluation mode from the
 config alone (random weights: the counts do not depend on them); MODEL.DEVICE defaults to cpu.
 
-    python tools/analyze_model.py --config-file configs/Synthetic/musu_R_18_FPN_synthetic.yaml \\
+    python tools/analyze_model.py --config-file configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml \\
         --tasks flop parameter
     python tools/analyze_model.py --config-file configs/COCO-Detection/musu_R_50_FPN_1x.yaml \\
         --tasks flop activation --input-size 800 1216
-    python tools/analyze_model.py --config-file configs/BCCD/musu_R_18_FPN_bccd.yaml \\
+    python tools/analyze_model.py --config-file configs/BCCD/musu_paper_R_18_FPN_300it.yaml \\
         --tasks flop --dataset bccd_val --num-inputs 10
 """
 

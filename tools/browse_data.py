@@ -13,7 +13,7 @@ Outputs:
   DIR/annotation/<image stem>.jpg and DIR/dataloader/<NNNN>_<image stem>.jpg (--output DIR),
   at most --num-images of each; a progress line every --progress-every pictures.
 
-    python tools/browse_data.py --config-file configs/Synthetic/musu_R_18_FPN_synthetic.yaml \\
+    python tools/browse_data.py --config-file configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml \\
         --output browse_out --num-images 8
 """
 

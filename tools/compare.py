@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train and evaluate detectors side by side with identical budgets; print one table.
 
-    python tools/compare.py --config-file configs/Synthetic/musu_R_18_FPN_synthetic.yaml \\
-        configs/Synthetic/fcos_R_18_FPN_synthetic.yaml \\
+    python tools/compare.py --config-file configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml \\
+        configs/Synthetic/fcos_R_18_FPN_1200it.yaml \\
         --dataset synthetic --output /tmp/runs/compare/synthetic [KEY VALUE ...]
     python tools/compare.py --config-file CFG_A CFG_B --eval-only \\
         --checkpoints A/model_final.pth B/model_final.pth --output DIR

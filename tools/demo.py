@@ -14,9 +14,9 @@ Outputs:
                        (tools/analyze_errors.py --results FILE)
 Class names come from the first --register-coco dataset, else from DATASETS.TEST[0].
 
-    python tools/demo.py --config-file configs/Synthetic/musu_R_18_FPN_synthetic.yaml \\
+    python tools/demo.py --config-file configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml \\
         --input path/to/images_or_folder --output demo_out --json-out demo_out/results.json \\
-        --opts MODEL.WEIGHTS output/musu_R_18_FPN_synthetic/model_final.pth
+        --opts MODEL.WEIGHTS output/synthetic/musu_paper_R_18_FPN_1200it/model_final.pth
     python tools/demo.py --config-file <config> --video-input clip.mp4 --output demo_out \\
         --register-coco mydata ann.json images/ --opts MODEL.WEIGHTS <weights>
 """

@@ -2,9 +2,9 @@
 """Export a trained dense detector (MuSu with any A, D2FCOS, the projects' RetinaNet-style
 detectors) to TorchScript or ONNX, and optionally evaluate the exported file on DATASETS.TEST.
 
-    python tools/export_model.py --config-file configs/Synthetic/musu_R_18_FPN_synthetic.yaml \
+    python tools/export_model.py --config-file configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml \
         --format onnx --output exported --run-eval \
-        MODEL.WEIGHTS output/musu_R_18_FPN_synthetic/model_final.pth
+        MODEL.WEIGHTS output/synthetic/musu_paper_R_18_FPN_1200it/model_final.pth
 
 writes exported/model.onnx (or model.ts with --format torchscript) and, with --run-eval, prints
 the COCO AP of the exported model run by ONNX Runtime (or TorchScript) through

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Installs musu and everything it needs into the current Python, idempotently.
-#   torch + torchvision (a matching pair; any already-installed working pair is kept)
+#   torch + torchvision (a matching pair; any already-installed working pair is kept). From the
+#               package index pip uses, or from $TORCH_INDEX_URL when set, e.g. PyTorch's CPU-only
+#               builds on a machine without a GPU:
+#                 TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash tools/install.sh
+#               (or install that pair first: pip install torch torchvision --index-url <url>).
 #   Detectron2: kept if importable; else built from $DETECTRON2_SRC (a local clone) if set;
 #               else from Detectron2's public git repository, as its INSTALL.md recommends.
 #   musu itself (editable, with the test extras).
@@ -29,9 +33,21 @@ PY
 if torch_ok; then
   say "torch + torchvision: present and working"
 else
-  say "torch + torchvision: installing a matching pair from the package index"
-  "${PIP[@]}" torch torchvision || die "pip could not install torch and torchvision.
-  Install a matching pair by hand (see https://pytorch.org), then run this script again."
+  TORCH_FROM=()
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    TORCH_FROM=(--index-url "$TORCH_INDEX_URL")
+    say "torch + torchvision: installing a matching pair from TORCH_INDEX_URL=$TORCH_INDEX_URL"
+  else
+    say "torch + torchvision: installing a matching pair from the package index"
+    if ! command -v nvidia-smi >/dev/null 2>&1; then
+      say "no NVIDIA driver found (nvidia-smi); the default build brings the CUDA libraries"
+      say "(about 5 GB installed). PyTorch's CPU-only build instead: interrupt and run"
+      say "  TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash tools/install.sh"
+    fi
+  fi
+  "${PIP[@]}" ${TORCH_FROM[@]+"${TORCH_FROM[@]}"} torch torchvision || die "pip could not install torch and torchvision.
+  Install a matching pair by hand (see https://pytorch.org; CPU-only:
+  pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu), then run this script again."
   torch_ok || die "torch and torchvision are installed but do not work together
   (e.g. 'operator torchvision::nms does not exist': a CPU-only torch with a CUDA torchvision).
   Fix: python3 -m pip install --force-reinstall torch torchvision   (a pair built together),

@@ -2,7 +2,7 @@
 """Publish a training run's weights to MuSu's model zoo.
 
 python tools/publish_model.py --run-dir /tmp/runs/zoo/synthetic \\
-    --name Synthetic/musu_R_18_FPN_synthetic --output /path/to/mirror [--update-table] \\
+    --name Synthetic/musu_paper_R_18_FPN_1200it --output /path/to/mirror [--update-table] \\
     [--config-file RUN/config.yaml] [KEY VALUE ...]
 python tools/publish_model.py --print-table     # MODEL_ZOO.md's table, from models.json
 
@@ -183,7 +183,7 @@ def publish(
     """Write ``<output>/<name>/model_final_<sha256[:12]>.pth`` and ``metrics.json``.
 
     ``checkpoint``: a Detectron2 training checkpoint (loaded weights-only); ``name``: the config
-    name in the zoo (``"Synthetic/musu_R_18_FPN_synthetic"``, ``.yaml`` optional); ``run_dir``:
+    name in the zoo (``"Synthetic/musu_paper_R_18_FPN_1200it"``, ``.yaml`` optional); ``run_dir``:
     the training output folder the numbers come from (default: the checkpoint's folder);
     ``config_file``: the run's config (default: ``<run_dir>/config.yaml``, if present), read
     as plain YAML, with ``opts`` (``KEY VALUE`` pairs naming keys it holds) applied; its schedule
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = tool_argument_parser(__doc__, config_required=False, reads_data=False)
     parser.add_argument("--run-dir", help="train_net.py OUTPUT_DIR of the run")
     parser.add_argument(
-        "--name", help="config path under configs/, e.g. Synthetic/musu_R_18_FPN_synthetic"
+        "--name", help="config path under configs/, e.g. Synthetic/musu_paper_R_18_FPN_1200it"
     )
     parser.add_argument(
         "--output", type=output_folder, help="folder mirroring the release location"

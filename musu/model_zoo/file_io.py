@@ -3,7 +3,7 @@
 ``musu://<name>`` resolves against the release location :data:`DEFAULT_MODEL_ZOO_URL`, or against
 ``$MUSU_MODEL_ZOO_URL`` when set (a mirror, a local folder or ``file://`` URL on an air-gapped
 site, a test server), read each time a path is resolved. ``<name>`` is either a model-zoo config
-name (``Synthetic/musu_R_18_FPN_synthetic``, ``.yaml`` optional) or a published file path
+name (``Synthetic/musu_paper_R_18_FPN_1200it``, ``.yaml`` optional) or a published file path
 relative to the release location (``<config name>/model_final_<sha256 prefix>.pth``, or
 ``.pkl`` for Detectron2's model-zoo format).
 

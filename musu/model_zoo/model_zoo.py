@@ -2,7 +2,7 @@
 
 Mirrors ``detectron2.model_zoo``: :func:`get_config_file`, :func:`get_config`,
 :func:`get_checkpoint_url` and :func:`get` take a config path relative to the repository's
-``configs/`` folder (e.g. ``"Synthetic/musu_R_18_FPN_synthetic.yaml"``). Checkpoint URLs are
+``configs/`` folder (e.g. ``"Synthetic/musu_paper_R_18_FPN_1200it.yaml"``). Checkpoint URLs are
 ``musu://`` paths, resolved, downloaded and verified by :mod:`musu.model_zoo.file_io`.
 :func:`load_model` and :class:`Predictor` load any config's weights without running code from the
 file (:class:`musu.engine.AtomicCheckpointer`).
@@ -109,7 +109,7 @@ def get(config_path: str, trained: bool = False, device: str | None = None) -> n
     Example::
 
         from musu import model_zoo
-        model = model_zoo.get("Synthetic/musu_R_18_FPN_synthetic.yaml", trained=True)
+        model = model_zoo.get("Synthetic/musu_paper_R_18_FPN_1200it.yaml", trained=True)
     """
     cfg = get_config(config_path, trained)
     if device is not None:

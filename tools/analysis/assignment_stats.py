@@ -5,7 +5,7 @@
 
     # at initialization (no weights): where the paper's 2s x 2s prior puts the candidate bags
     python tools/analysis/assignment_stats.py \\
-        --config-file configs/BCCD/musu_R_18_FPN_bccd.yaml --images 32
+        --config-file configs/BCCD/musu_paper_R_18_FPN_300it.yaml --images 32
     # a trained model, or another prior
     python tools/analysis/assignment_stats.py --config-file CFG --weights model_final.pth
     python tools/analysis/assignment_stats.py --config-file CFG MODEL.MUSU.INITIAL_BOX_SIZE 4.0

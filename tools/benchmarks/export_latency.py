@@ -4,7 +4,7 @@ DefaultPredictor), the exported TorchScript file and the exported ONNX file in O
 (both through musu.export.ExportedModel), at each --threads count.
 
     python tools/benchmarks/export_latency.py                       # Quick start config, 1 and 2 threads
-    python tools/benchmarks/export_latency.py --weights output/musu_R_18_FPN_synthetic/model_final.pth
+    python tools/benchmarks/export_latency.py --weights output/synthetic/musu_paper_R_18_FPN_1200it/model_final.pth
 
 A latency is the whole call on an original BGR image: resize, model, NMS, rescaling to the image.
 The images are the Quick start data's (musu.data.synthetic.render_image, 256 px). Without
@@ -36,7 +36,7 @@ import musu
 from musu.data.synthetic import render_image
 from musu.export import ExportedModel, export_model
 
-SYNTHETIC = "configs/Synthetic/musu_R_18_FPN_synthetic.yaml"
+SYNTHETIC = "configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml"
 
 
 def argument_parser() -> argparse.ArgumentParser:

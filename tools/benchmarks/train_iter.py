@@ -183,7 +183,7 @@ def inference_step(
 def argument_parser() -> argparse.ArgumentParser:
     """The command line of this benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/Synthetic/musu_R_18_FPN_synthetic.yaml")
+    parser.add_argument("--config", default="configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--num-anchors", type=int, nargs="+", default=[1, 3], help="MuSu A values")
     parser.add_argument("--batch", type=int, default=8)

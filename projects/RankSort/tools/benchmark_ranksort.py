@@ -7,7 +7,7 @@ seconds per step (forward + backward + SGD step) of each, their ratio, and the m
 loss call alone.
 
 python projects/RankSort/tools/benchmark_ranksort.py \
-    --focal configs/Synthetic/musu_R_18_FPN_synthetic.yaml \
+    --focal configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml \
     --rs projects/RankSort/configs/Synthetic/musu_rs_R_18_FPN_synthetic.yaml --steps 20
 """
 
