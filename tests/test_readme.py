@@ -18,6 +18,8 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
+from musu.cli import parse_tool_args
+
 import train_net  # the repository's train_net.py (conftest.py puts the root on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +129,7 @@ def test_which_config_names_the_recommended_files() -> None:
 
 @pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(a) for a in COMMANDS])
 def test_which_config_commands_build_their_config(argv: List[str], tmp_path: Path) -> None:
-    args = train_net.argument_parser().parse_args(argv)
+    args = parse_tool_args(train_net.build_parser(), argv)
     args.opts = list(args.opts) + ["OUTPUT_DIR", str(tmp_path)]
     cfg = train_net.setup(args)
     assert cfg.is_frozen()
