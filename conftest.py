@@ -2,8 +2,9 @@
 
 * Every requirement must be present; a missing one stops the run loudly. Tests never skip
   because a dependency is absent: they fail here, naming the fix.
-* The scripts (``train_net.py`` at the root, ``tools/*.py``) are importable by name in tests
-  (``import train_net``, ``import compare``): this is the one place that edits ``sys.path``.
+* The scripts (``train_net.py`` at the root, ``tools/*.py``, ``tools/analysis/*.py``,
+  ``tools/benchmarks/*.py``) are importable by name in tests (``import train_net``,
+  ``import compare``): this is the one place that edits ``sys.path``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent
-SCRIPT_FOLDERS = (REPO_ROOT, REPO_ROOT / "tools")
+SCRIPT_FOLDERS = tuple(
+    REPO_ROOT / folder for folder in ("", "tools", "tools/analysis", "tools/benchmarks")
+)
 
 _FIX = "Run `bash tools/install.sh` (or `bash tools/test.sh`, which installs and then tests)."
 

@@ -20,21 +20,25 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from typing import Optional, Sequence
 
 from .data.cli import add_register_coco_argument
 
 __all__ = [
     "add_opts_argument",
+    "add_tool_arguments",
     "non_negative_int",
     "output_folder",
     "parse_tool_args",
     "positive_int",
     "probability",
     "tool_argument_parser",
+    "train_argument_parser",
 ]
 
 _OPTS_ALIAS_DEST = "_opts_alias"
+_CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+")  # e.g. SOLVER.MAX_ITER
 
 
 def add_opts_argument(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +50,10 @@ def add_opts_argument(parser: argparse.ArgumentParser) -> None:
         metavar="KEY VALUE",
         help="config overrides after all options, e.g. MODEL.WEIGHTS model.pth SOLVER.BASE_LR 0.01",
     )
+    _add_opts_alias(parser)
+
+
+def _add_opts_alias(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--opts",
         dest=_OPTS_ALIAS_DEST,
@@ -62,26 +70,71 @@ def tool_argument_parser(
     epilog: Optional[str] = None,
     config_required: bool = True,
     reads_data: bool = True,
+    several_configs: bool = False,
 ) -> argparse.ArgumentParser:
-    """A parser with ``--config-file``, ``--register-coco`` (if ``reads_data``) and the overrides.
-
-    The tool adds its own options to the parser it gets; the overrides stay last on the command
-    line. Parse with :func:`parse_tool_args`.
-    """
+    """A parser with ``--config-file``, ``--register-coco`` (if ``reads_data``) and the overrides
+    (:func:`add_tool_arguments`). The tool adds its own options to the parser it gets; the
+    overrides stay last on the command line. Parse with :func:`parse_tool_args`."""
     parser = argparse.ArgumentParser(
         description=description,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_tool_arguments(
+        parser,
+        config_required=config_required,
+        reads_data=reads_data,
+        several_configs=several_configs,
+    )
+    return parser
+
+
+def add_tool_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    config_required: bool = True,
+    reads_data: bool = True,
+    several_configs: bool = False,
+) -> None:
+    """Add ``--config-file``, ``--register-coco`` (if ``reads_data``) and the overrides to
+    ``parser`` (e.g. a subcommand's parser).
+
+    With ``several_configs``, ``--config-file`` takes one or more files, and may be repeated
+    (``--config-file A.yaml B.yaml`` or ``--config-file A.yaml --config-file B.yaml``;
+    ``args.config_file`` is a list).
+    """
     parser.add_argument(
         "--config-file",
         required=config_required,
+        nargs="+" if several_configs else None,
+        action="extend" if several_configs else "store",
         metavar="FILE",
-        help="musu or project config (YAML)",
+        help="musu or project config(s) (YAML)" if several_configs else "musu or project config",
     )
     if reads_data:
         add_register_coco_argument(parser)
     add_opts_argument(parser)
+
+
+def train_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
+    """Detectron2's ``default_argument_parser`` (``--config-file``, ``--resume``, ``--eval-only``,
+    ``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``, trailing ``opts``)
+    with the ``--opts`` alias, ``--register-coco`` and ``--check-data``. Parse with
+    :func:`parse_tool_args`."""
+    from detectron2.engine import default_argument_parser
+
+    parser = default_argument_parser(epilog)
+    parser.description = "Train or evaluate a musu or project config with musu.engine.Trainer."
+    add_register_coco_argument(
+        parser, help="register a COCO-format dataset under NAME before training (repeatable)"
+    )
+    parser.add_argument(
+        "--check-data",
+        action="store_true",
+        help="decode every image of DATASETS.TRAIN and DATASETS.TEST first and list all that "
+        "cannot be read (costs one full decode of each dataset)",
+    )
+    _add_opts_alias(parser)
     return parser
 
 
@@ -90,11 +143,24 @@ def parse_tool_args(
 ) -> argparse.Namespace:
     """Parse ``argv``; ``args.opts`` holds the overrides from either spelling, in order.
 
-    Raises ``SystemExit`` (argparse's usage error) when the overrides are not ``KEY VALUE``
-    pairs, naming the odd one out.
+    With several config files (``several_configs``), the first word that is a config key
+    (``SOLVER.MAX_ITER``) and all after it are overrides: ``--config-file A.yaml B.yaml KEY
+    VALUE``. Raises ``SystemExit`` (argparse's usage error) when the overrides are not ``KEY
+    VALUE`` pairs.
     """
     args = parser.parse_args(argv)
-    opts = list(args.opts or []) + list(getattr(args, _OPTS_ALIAS_DEST, None) or [])
+    opts = list(getattr(args, "opts", None) or [])
+    if isinstance(getattr(args, "config_file", None), list):
+        # "--config-file A.yaml B.yaml KEY VALUE ...": the first config key ends the files.
+        configs = args.config_file
+        first_key = next((i for i, c in enumerate(configs) if _CONFIG_KEY.fullmatch(c)), None)
+        if first_key is not None:
+            args.config_file, opts = configs[:first_key], configs[first_key:] + opts
+            if not args.config_file:
+                parser.error(f"--config-file needs a config file before {configs[0]}")
+    opts += list(getattr(args, _OPTS_ALIAS_DEST, None) or [])
+    # The trailing opts take everything after them, "--opts" included: it only separates.
+    opts = [word for word in opts if word != "--opts"]
     if hasattr(args, _OPTS_ALIAS_DEST):
         delattr(args, _OPTS_ALIAS_DEST)
     if opts and opts[0] == "--":

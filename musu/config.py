@@ -9,6 +9,7 @@ leaf: it imports nothing of musu, so any musu module may import it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -16,8 +17,10 @@ from importlib.metadata import entry_points
 from typing import Sequence
 
 import torch
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+from fvcore.common.config import BASE_KEY
 
 __all__ = [
     "CRITERIA",
@@ -25,6 +28,7 @@ __all__ = [
     "add_musu_config",
     "add_project_configs",
     "build_config",
+    "check_base_files",
     "check_bool",
     "check_choice",
     "check_number",
@@ -224,7 +228,8 @@ def check_bool(node: CN, path: str, key: str) -> None:
 
 
 def validate_musu_config(cfg: CN) -> None:
-    """Raise ValueError naming the key for any invalid ``MODEL.MUSU`` or precision value."""
+    """Raise ValueError naming the key for any invalid ``MODEL.MUSU`` or precision value, and
+    for ``MODEL.LOAD_PROPOSALS`` (proposal files are unpickled by Detectron2)."""
     musu, path = cfg.MODEL.MUSU, "MODEL.MUSU"
     for key, low in (("NUM_CLASSES", 1), ("NUM_ANCHORS", 1), ("NUM_CONVS", 0)):
         check_number(musu, path, key, low=low, integer=True)
@@ -260,6 +265,12 @@ def validate_musu_config(cfg: CN) -> None:
     check_choice(musu, path, "CRITERION", CRITERIA)
     check_number(musu, path, "TOPK_CANDIDATES_TEST", low=1, integer=True)
     check_number(musu, path, "WARMUP_ASSIGNER_ITERS", low=0, integer=True)
+    if cfg.MODEL.LOAD_PROPOSALS:
+        raise ValueError(
+            "Invalid config: MODEL.LOAD_PROPOSALS must be False: Detectron2 reads "
+            "DATASETS.PROPOSAL_FILES_* with pickle.load, which can run code from the file, and "
+            "no detector of this repository uses precomputed proposals"
+        )
     check_choice(cfg.SOLVER.AMP, "SOLVER.AMP", "PRECISION", AMP_PRECISIONS)
     check_choice(cfg.SOLVER.AMP, "SOLVER.AMP", "CPU_BFLOAT16", CPU_BFLOAT16_MODES)
     for node, path_to_bool, key in (
@@ -269,6 +280,47 @@ def validate_musu_config(cfg: CN) -> None:
         check_bool(node, path_to_bool, key)
 
 
+def check_base_files(config_file: str) -> None:
+    """Follow the ``_BASE_`` chain of a local YAML config as Detectron2 resolves it (relative to
+    the file that names it; ``~`` expanded; absolute paths and URLs as they are) and raise
+    ``FileNotFoundError`` naming ``_BASE_``, the file that holds it and the resolved path when a
+    base does not exist, or ``ValueError`` when the chain loops back on itself."""
+
+    def visit(path: str, chain: tuple[str, ...]) -> None:
+        real = os.path.realpath(path)
+        if real in chain:
+            raise ValueError(
+                f"Config _BASE_ chain loops: {' -> '.join((*chain, real))} (in {path})"
+            )
+        with open(path) as f:
+            try:
+                content = yaml.safe_load(f)
+            except yaml.YAMLError as error:
+                raise ValueError(
+                    f"Config {path} cannot be read with yaml.safe_load (configs are plain YAML; "
+                    f"tags such as !!python/... are refused): {error}"
+                ) from error
+        bases = content.get(BASE_KEY) if isinstance(content, dict) else None
+        for base in [bases] if isinstance(bases, str) else list(bases or []):
+            if not isinstance(base, str):
+                raise ValueError(f"Config {path}: {BASE_KEY} entries must be paths, got {base!r}")
+            resolved = os.path.expanduser(base) if base.startswith("~") else base
+            if "://" in resolved:
+                continue
+            if not os.path.isabs(resolved):
+                resolved = os.path.join(os.path.dirname(path), resolved)
+            if not os.path.isfile(resolved):
+                raise FileNotFoundError(
+                    f"Config {path}: {BASE_KEY}: {base!r} resolves to {os.path.abspath(resolved)}, "
+                    f"which does not exist ({BASE_KEY} paths are relative to the file that names "
+                    "them)"
+                )
+            visit(resolved, (*chain, real))
+
+    if "://" not in config_file:
+        visit(config_file, ())
+
+
 def build_config(
     config_file: str | os.PathLike | None, opts: Sequence[str] = (), *, freeze: bool = True
 ) -> CN:
@@ -276,7 +328,10 @@ def build_config(
     + ``config_file`` (``None``: none) + ``opts`` (``["KEY", "VALUE", ...]``).
 
     Guarantees: an unknown key or a malformed option raises ``KeyError`` naming the key and the
-    file (or "command-line options"); a missing local file raises ``FileNotFoundError``;
+    file (or "command-line options"); a missing local file, or a ``_BASE_`` that points nowhere,
+    raises ``FileNotFoundError`` naming ``_BASE_``, the file holding it and the resolved path
+    (:func:`check_base_files`); YAML is read with ``yaml.safe_load`` only (a file it cannot read,
+    e.g. one with ``!!python/...`` tags, raises ``ValueError`` naming the file);
     ``MODEL.DEVICE`` "cuda..." becomes "cpu" (with a warning) where CUDA is unavailable; the
     values pass :func:`validate_musu_config` and every project's ``validate_config``; the result
     is frozen if ``freeze``.
@@ -289,7 +344,11 @@ def build_config(
         config_file = os.fspath(config_file)
         if "://" not in config_file and not os.path.isfile(config_file):
             raise FileNotFoundError(f"Config file {config_file} not found")
-        sources.append((f"config file {config_file}", cfg.merge_from_file, config_file))
+        check_base_files(config_file)
+        # YAML through yaml.safe_load only (Detectron2 falls back to yaml.unsafe_load, which runs
+        # Python named in tags such as !!python/object/apply, unless told otherwise).
+        merge_file = functools.partial(cfg.merge_from_file, allow_unsafe=False)
+        sources.append((f"config file {config_file}", merge_file, config_file))
     sources.append(("command-line options", cfg.merge_from_list, list(opts)))
     for source, merge, value in sources:
         try:

@@ -86,15 +86,101 @@ def test_iou_threshold_and_same_class_preference() -> None:
 
 
 def test_pr_curves_known_answers(coco_files) -> None:
-    names, images = load_coco_results(*coco_files)
-    a, b = pr_curves(images, len(names), iou_threshold=0.5)
+    a, b = pr_curves(*coco_files, iou_threshold=0.5)
     # a: 0.9 correct, 0.8 wrong (no "a" there), 0.6 inside a crowd region (ignored); 2 objects.
-    np.testing.assert_allclose(a.scores, [0.9, 0.8])
-    np.testing.assert_allclose(a.precision, [1.0, 0.5])
-    np.testing.assert_allclose(a.recall, [0.5, 0.5])
-    assert a.average_precision == pytest.approx(0.5) and a.num_gt == 2
-    np.testing.assert_allclose(b.precision, [0.0, 0.0])
+    # Precision 1 up to recall 0.5 (51 of COCO's 101 recall points), 0 beyond.
+    np.testing.assert_allclose(a.recall, np.linspace(0, 1, 101))
+    np.testing.assert_allclose(a.precision, [1.0] * 51 + [0.0] * 50)
+    np.testing.assert_allclose(a.scores[:51], 0.9)
+    assert a.average_precision == pytest.approx(51 / 101) and a.num_gt == 2
+    np.testing.assert_allclose(b.precision, 0.0)
     assert b.average_precision == 0.0 and b.num_gt == 2
+
+
+# Two classes, four images, detections at several IoUs and scores (one crowd region).
+GT_EVAL = {
+    "images": [{"id": i, "file_name": f"{i}.png", "width": 200, "height": 200} for i in range(4)],
+    "categories": [{"id": 1, "name": "cell"}, {"id": 2, "name": "platelet"}],
+    "annotations": [
+        {"id": 1, "image_id": 0, "category_id": 1, "bbox": [10, 10, 40, 40], "iscrowd": 0},
+        {"id": 2, "image_id": 0, "category_id": 1, "bbox": [100, 100, 30, 50], "iscrowd": 0},
+        {"id": 3, "image_id": 0, "category_id": 2, "bbox": [60, 10, 12, 12], "iscrowd": 0},
+        {"id": 4, "image_id": 1, "category_id": 1, "bbox": [0, 0, 60, 60], "iscrowd": 0},
+        {"id": 5, "image_id": 1, "category_id": 2, "bbox": [150, 150, 20, 20], "iscrowd": 0},
+        {"id": 6, "image_id": 2, "category_id": 2, "bbox": [30, 30, 15, 15], "iscrowd": 0},
+        {"id": 7, "image_id": 2, "category_id": 1, "bbox": [100, 0, 100, 100], "iscrowd": 1},
+        {"id": 8, "image_id": 3, "category_id": 1, "bbox": [50, 50, 80, 60], "iscrowd": 0},
+    ],
+}
+for _ann in GT_EVAL["annotations"]:  # COCOEvaluator reads each object's area from the file
+    _ann["area"] = _ann["bbox"][2] * _ann["bbox"][3]
+RESULTS_EVAL = [  # XYWH, as COCOEvaluator writes them
+    {"image_id": 0, "category_id": 1, "bbox": [12, 11, 40, 38], "score": 0.95},
+    {"image_id": 0, "category_id": 1, "bbox": [105, 110, 30, 45], "score": 0.40},
+    {"image_id": 0, "category_id": 2, "bbox": [62, 12, 12, 12], "score": 0.80},
+    {"image_id": 0, "category_id": 1, "bbox": [60, 10, 12, 12], "score": 0.85},
+    {"image_id": 1, "category_id": 1, "bbox": [5, 5, 60, 60], "score": 0.70},
+    {"image_id": 1, "category_id": 2, "bbox": [10, 150, 20, 20], "score": 0.90},
+    {"image_id": 1, "category_id": 2, "bbox": [152, 149, 19, 22], "score": 0.30},
+    {"image_id": 2, "category_id": 2, "bbox": [28, 33, 15, 15], "score": 0.60},
+    {"image_id": 2, "category_id": 1, "bbox": [120, 20, 30, 30], "score": 0.75},
+    {"image_id": 3, "category_id": 1, "bbox": [50, 50, 60, 60], "score": 0.65},
+    {"image_id": 3, "category_id": 1, "bbox": [0, 0, 30, 30], "score": 0.55},
+]
+
+
+def _coco_evaluator_results(gt_json: Path, name: str) -> dict:
+    """Detectron2's COCOEvaluator on RESULTS_EVAL, fed as model outputs."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+    from detectron2.evaluation import COCOEvaluator
+    from detectron2.structures import Boxes, Instances
+
+    register_coco_instances(name, {}, str(gt_json), str(gt_json.parent))
+    DatasetCatalog.get(name)  # sets the dataset-id <-> contiguous-id metadata, as a loader does
+    evaluator = COCOEvaluator(name, tasks=("bbox",), distributed=False)
+    evaluator.reset()
+    for image_id in range(4):
+        dets = [d for d in RESULTS_EVAL if d["image_id"] == image_id]
+        instances = Instances((200, 200))
+        instances.pred_boxes = Boxes(
+            torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in dets)])
+        )
+        instances.scores = torch.tensor([d["score"] for d in dets])
+        instances.pred_classes = torch.tensor([d["category_id"] - 1 for d in dets])
+        evaluator.process([{"image_id": image_id}], [{"instances": instances}])
+    return evaluator.evaluate()["bbox"]
+
+
+def test_tool_ap50_equals_coco_evaluator(tmp_path: Path) -> None:
+    gt_json, results_json = tmp_path / "gt.json", tmp_path / "results.json"
+    gt_json.write_text(json.dumps(GT_EVAL))
+    results_json.write_text(json.dumps(RESULTS_EVAL))
+    reference = _coco_evaluator_results(gt_json, "errors_ap_equality")
+    out = tmp_path / "out"
+    argv = ["--results", str(results_json), "--gt-json", str(gt_json), "--output", str(out)]
+    assert analyze_errors.main(argv) == 0
+    text = (out / "errors.md").read_text()
+    ap50 = {
+        name: float(text.split(f"\n| {name} | ")[-1].split("|")[1]) for name in ("cell", "platelet")
+    }
+    # COCOEvaluator's AP50 is the mean of the per-class AP50 (both classes have objects).
+    assert np.mean(list(ap50.values())) == pytest.approx(reference["AP50"], abs=1e-4)
+    assert 0 < min(ap50.values()) and max(ap50.values()) < 100  # neither trivial
+    # Per class, the mean over COCO's ten IoU thresholds is COCOEvaluator's per-class AP.
+    thresholds = np.linspace(0.5, 0.95, 10)
+    per_threshold = [pr_curves(str(gt_json), str(results_json), t) for t in thresholds]
+    for k, name in enumerate(["cell", "platelet"]):
+        ap = np.mean([curves[k].average_precision for curves in per_threshold])
+        assert 100 * ap == pytest.approx(reference[f"AP-{name}"], abs=1e-9)
+        assert per_threshold[0][k].average_precision * 100 == pytest.approx(ap50[name], abs=1e-4)
+
+
+def test_pr_curves_without_detections(coco_files, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    a, b = pr_curves(coco_files[0], str(empty))
+    assert a.average_precision == 0.0 and b.average_precision == 0.0 and a.num_gt == 2
 
 
 def test_bad_results_are_named(coco_files, tmp_path: Path) -> None:

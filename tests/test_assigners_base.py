@@ -108,3 +108,12 @@ def test_pad_ground_truth() -> None:
     )
     assert boxes.shape == (2, 2, 4) and boxes.dtype == torch.float64
     assert classes.tolist() == [[1, 2], [0, 0]] and valid.tolist() == [[True, True], [False, False]]
+
+
+def test_reg_target_index_falls_back_to_gt_index() -> None:
+    gt_index = torch.tensor([[0, -1, 1]])
+    weights = torch.zeros(1, 3)
+    shared = Assignment(gt_index, weights, weights)
+    assert torch.equal(shared.reg_target_index, torch.tensor([[0, -1, 1]]))
+    separate = Assignment(gt_index, weights, weights, reg_gt_index=torch.tensor([[1, 0, -1]]))
+    assert torch.equal(separate.reg_target_index, torch.tensor([[1, 0, -1]]))

@@ -1,11 +1,11 @@
-"""tools/assignment_stats.py: the training assigner's and the FCOS rule's statistics at
+"""tools/analysis/assignment_stats.py: the training assigner's and the FCOS rule's statistics at
 initialization on a few training images, printed as one table."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import assignment_stats  # tools/assignment_stats.py (conftest.py puts tools/ on sys.path)
+import assignment_stats  # tools/analysis/assignment_stats.py (conftest.py puts it on sys.path)
 import pytest
 
 from musu.data import register_synthetic_split
@@ -18,7 +18,7 @@ def test_statistics_at_initialization(tmp_path: Path, capsys: pytest.CaptureFixt
     opts = ["DATASETS.TRAIN", "('assignment_stats_tiny',)", "SOLVER.IMS_PER_BATCH", "2",
             "MODEL.MUSU.NUM_CONVS", "1", "INPUT.MIN_SIZE_TRAIN", "(128,)",
             "INPUT.MAX_SIZE_TRAIN", "128"]  # fmt: skip
-    stats = assignment_stats.main([str(CONFIG), "--images", "4", "--opts", *opts])
+    stats = assignment_stats.main(["--config-file", str(CONFIG), "--images", "4", "--opts", *opts])
     assert set(stats) == {"musu", "musu_shadow"}
     musu, fcos = stats["musu"], stats["musu_shadow"]
     for values in (musu, fcos):

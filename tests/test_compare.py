@@ -84,11 +84,12 @@ def test_dataset_names_and_markdown_table() -> None:
 
 def test_train_fcos_via_train_net_then_evaluate(tiny_split: list, tmp_path: Path) -> None:
     name = tiny_split[0][0]
-    argv = [str(FCOS_CFG), "--dataset", f"{name},{name}", "--output", str(tmp_path),
+    argv = ["--config-file", str(FCOS_CFG), "--dataset", f"{name},{name}",
+            "--output", str(tmp_path),
             "--max-iter", "3", "--warmup", "1", "--skip-iters", "0",
             "--max-eval-images", "2"]  # fmt: skip
     for entry in tiny_split:
-        argv += ["--register", *entry]
+        argv += ["--register-coco", *entry]
     rows = compare.main(argv + ["--opts", *TINY])
     row = rows["fcos_R_18_FPN_synthetic"]
     run_dir = tmp_path / "fcos_R_18_FPN_synthetic"
@@ -112,7 +113,8 @@ def test_eval_only_on_a_musu_checkpoint(tiny_split: list, tmp_path: Path) -> Non
     cfg = musu.build_config(str(MUSU_CFG), opts)
     model = build_model(cfg)
     torch.save({"model": model.state_dict()}, tmp_path / "musu.pth")
-    argv = [str(MUSU_CFG), "--dataset", f"{name},{name}", "--output", str(tmp_path),
+    argv = ["--config-file", str(MUSU_CFG), "--dataset", f"{name},{name}",
+            "--output", str(tmp_path),
             "--eval-only", "--checkpoints", str(tmp_path / "musu.pth"), "--warmup", "1",
             "--max-eval-images", "2"]  # fmt: skip
     rows = compare.main(argv + ["--opts", *TINY])
@@ -146,11 +148,12 @@ def test_seeds_and_a_diverged_run(tiny_split: list, tmp_path: Path) -> None:
     """--seeds: run dirs <config>_seed<s> trained with SEED s; a learning rate that makes the
     loss non-finite is recorded as diverged (not evaluated) instead of stopping the script."""
     name = tiny_split[0][0]
-    argv = [str(FCOS_CFG), "--dataset", f"{name},{name}", "--output", str(tmp_path),
+    argv = ["--config-file", str(FCOS_CFG), "--dataset", f"{name},{name}",
+            "--output", str(tmp_path),
             "--max-iter", "2", "--warmup", "1", "--skip-iters", "0", "--max-eval-images", "1",
             "--seeds", "3"]  # fmt: skip
     for entry in tiny_split:
-        argv += ["--register", *entry]
+        argv += ["--register-coco", *entry]
     rows = compare.main(argv + ["--opts", *TINY, "SOLVER.BASE_LR", "1e30"])
     assert rows == {"fcos_R_18_FPN_synthetic_seed3": {
         "diverged": True, "error": rows["fcos_R_18_FPN_synthetic_seed3"]["error"],
@@ -172,6 +175,7 @@ def test_sigterm_reaches_the_training_and_leaves_no_orphan(
     argv = [
         sys.executable,
         str(REPO_ROOT / "tools" / "compare.py"),
+        "--config-file",
         str(FCOS_CFG),
         "--dataset",
         f"{name},{name}",
@@ -181,7 +185,7 @@ def test_sigterm_reaches_the_training_and_leaves_no_orphan(
         "10000",
     ]
     for entry in tiny_split:
-        argv += ["--register", *entry]
+        argv += ["--register-coco", *entry]
     argv += ["--opts", *TINY, "SOLVER.CHECKPOINT_PERIOD", "4"]  # fmt: skip
     run_dir = tmp_path / FCOS_CFG.stem
     process = subprocess.Popen(

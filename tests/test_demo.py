@@ -93,8 +93,10 @@ def test_confidence_threshold_filters(weights, tiny_split, tmp_path) -> None:
     json_out = tmp_path / "results.json"
     argv = ["--config-file", config, "--input", str(tiny_split.image_root)]
     argv += ["--output", str(tmp_path), "--json-out", str(json_out)]
-    demo.main(argv + ["--confidence-threshold", "1.01", "--opts", *opts])
+    demo.main(argv + ["--confidence-threshold", "1.0", "--opts", *opts])
     assert json.loads(json_out.read_text()) == []
+    with pytest.raises(SystemExit):  # a threshold outside [0, 1] is a usage error
+        demo.main(argv + ["--confidence-threshold", "1.01", "--opts", *opts])
 
 
 def test_video_in_annotated_video_out(weights, tmp_path) -> None:

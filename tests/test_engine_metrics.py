@@ -1,4 +1,4 @@
-"""musu.engine's metrics.json reader, shared by tools/compare.py, tools/visualize.py and
+"""musu.engine's metrics.json reader, shared by tools/compare.py, tools/analysis/visualize.py and
 tools/publish_model.py."""
 
 from __future__ import annotations

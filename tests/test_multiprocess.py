@@ -110,7 +110,7 @@ def one_process(splits: list[str], tmp_path_factory: pytest.TempPathFactory) -> 
     """One training iteration in this process (1 process, 4 images): its output folder."""
     output_dir = tmp_path_factory.mktemp("one_process")
     argv = ["--config-file", str(CONFIG), *_opts(output_dir, max_iter=1)]
-    train_net.main(train_net.argument_parser().parse_args(argv))
+    train_net.main(train_net.build_parser().parse_args(argv))
     return output_dir
 
 
@@ -151,7 +151,7 @@ def test_two_processes_on_cpu_train_evaluate_and_resume(
         "--eval-only",
         *_opts(tmp_path / "eval1", 1, f"('{VAL}',)"),
     ]
-    single = train_net.main(train_net.argument_parser().parse_args([*argv, *weights]))["bbox"]
+    single = train_net.main(train_net.build_parser().parse_args([*argv, *weights]))["bbox"]
     ap = _copypaste_ap(evaluated)
     assert ap[0] == pytest.approx(single["AP"], abs=1e-4) and single["AP"] > 0
     assert ap[1] == pytest.approx(single["AP50"], abs=1e-4)

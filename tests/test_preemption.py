@@ -72,7 +72,7 @@ def _argv(output_dir: Path, max_iter: int = MAX_ITER, period: int = PERIOD) -> l
 
 def _trainer(output_dir: Path, resume: bool = False) -> train_net.Trainer:
     argv = (["--resume"] if resume else []) + _argv(output_dir)
-    cfg = train_net.setup(train_net.argument_parser().parse_args(argv))
+    cfg = train_net.setup(train_net.build_parser().parse_args(argv))
     trainer = train_net.Trainer(cfg, resume_hint="python train_net.py --resume ...")
     trainer.resume_or_load(resume=resume)
     return trainer

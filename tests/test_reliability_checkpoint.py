@@ -4,7 +4,7 @@
 * SIGKILL of a ``train_net.py`` subprocess mid-training, then ``--resume``: training continues
   from the last complete checkpoint with the right iteration, weights, optimizer state and LR.
   The subprocess gets its tiny synthetic split through ``--register-coco NAME JSON IMAGE_ROOT``.
-* Unknown config keys / invalid values fail in ``train_net.setup`` naming the key.
+* Bad configs, weights and data files: rows of tests/test_bad_inputs.py.
 * Weights of a model with another number of classes or anchors load with the mismatching layers
   reported in the log and the matching layers loaded.
 """
@@ -24,7 +24,7 @@ from typing import Any, List, Sequence
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import get_cfg
 from detectron2.engine import hooks
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
@@ -32,6 +32,8 @@ from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 import musu
+from musu.cli import parse_tool_args
+from musu.data import register_coco_datasets
 from musu.data.synthetic import ensure_split
 from musu.engine import AtomicCheckpointer
 from musu.engine import checkpoint as checkpoint_module
@@ -206,8 +208,8 @@ def test_sigkill_then_resume_continues_from_last_complete_checkpoint(tmp_path: P
     assert last_iter < MAX_ITER - 1, "the run finished before the kill"
 
     # Resume in-process exactly as `train_net.py --resume` does.
-    args = train_net.argument_parser().parse_args([*argv, "--resume", *_opts(dataset, output_dir)])
-    train_net.register_datasets(args)
+    args = train_net.build_parser().parse_args([*argv, "--resume", *_opts(dataset, output_dir)])
+    register_coco_datasets(args.register_coco)
     cfg = train_net.setup(args)
     trainer = train_net.Trainer(cfg)
     periodic = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
@@ -241,33 +243,8 @@ def test_sigkill_then_resume_continues_from_last_complete_checkpoint(tmp_path: P
 
 
 # --------------------------------------------------------------------------------------------
-# Config errors at start-up.
+# Several processes on CPU.
 # --------------------------------------------------------------------------------------------
-
-
-def _setup(tmp_path: Path, opts: Sequence[str], config_file: Path = SYNTHETIC_CONFIG) -> CfgNode:
-    argv = ["--config-file", str(config_file), "OUTPUT_DIR", str(tmp_path / "out"), *opts]
-    return train_net.setup(train_net.argument_parser().parse_args(argv))
-
-
-@pytest.mark.parametrize(
-    "opts, error, names",
-    [
-        (["MODEL.MUSU.NOPE", "1"], KeyError, "MODEL.MUSU.NOPE"),
-        (["SOLVER.BASE_LRR", "0.1"], KeyError, "SOLVER.BASE_LRR"),
-        (["MODEL.MUSU.ALPHA", "1.5"], ValueError, "MODEL.MUSU.ALPHA"),
-        (["MODEL.MUSU.NUM_CLASSES", "0"], ValueError, "MODEL.MUSU.NUM_CLASSES"),
-        (["MODEL.MUSU.BAG_THRESHOLD", "'high'"], ValueError, "MODEL.MUSU.BAG_THRESHOLD"),
-        (["MODEL.MUSU.CRITERION", "'both'"], ValueError, "MODEL.MUSU.CRITERION"),
-    ],
-)
-def test_bad_config_fails_in_setup_naming_the_key(
-    tmp_path: Path, opts: List[str], error: type, names: str
-) -> None:
-    with pytest.raises(error) as raised:
-        _setup(tmp_path, opts)
-    assert names in str(raised.value)
-    assert not (tmp_path / "out").exists()  # failed before default_setup wrote anything
 
 
 def test_cpu_model_is_wrapped_in_ddp_without_device_ids(tmp_path: Path, monkeypatch) -> None:
@@ -287,13 +264,6 @@ def test_cpu_model_is_wrapped_in_ddp_without_device_ids(tmp_path: Path, monkeypa
         assert model.weight.grad is not None
     finally:
         torch.distributed.destroy_process_group()
-
-
-def test_unknown_key_in_config_file_fails_naming_the_key(tmp_path: Path) -> None:
-    config = tmp_path / "typo.yaml"
-    config.write_text(f'_BASE_: "{SYNTHETIC_CONFIG}"\nMODEL:\n  MUSU:\n    TEMPERATUR: 5.0\n')
-    with pytest.raises(KeyError, match="MODEL.MUSU.TEMPERATUR"):
-        _setup(tmp_path, [], config_file=config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,3 +328,149 @@ def test_mismatching_weights_are_reported_and_matching_loaded(
     assert not torch.equal(
         before["head.cls_subnet.0.weight"], source_state["head.cls_subnet.0.weight"]
     )
+
+
+# --------------------------------------------------------------------------------------------
+# --resume with a broken last_checkpoint: continue from the newest checkpoint that loads.
+# --------------------------------------------------------------------------------------------
+
+
+def _two_checkpoints(folder: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """``model_0000001.pth`` and ``model_0000003.pth`` (tagged) of a Linear layer whose weights
+    are the iteration number; returns the state saved at each iteration."""
+    layer = torch.nn.Linear(2, 2)
+    checkpointer = AtomicCheckpointer(layer, str(folder))
+    states = {}
+    for iteration in (1, 3):
+        with torch.no_grad():
+            for parameter in layer.parameters():
+                parameter.fill_(float(iteration))
+        checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
+        states[iteration] = {k: v.clone() for k, v in layer.state_dict().items()}
+    return states
+
+
+def _resume(folder: Path) -> tuple[dict, torch.nn.Module, List[str]]:
+    layer = torch.nn.Linear(2, 2)
+    capture = _Capture()
+    logging.getLogger("musu.engine.checkpoint").addHandler(capture)
+    try:
+        extra = AtomicCheckpointer(layer, str(folder)).resume_or_load("", resume=True)
+    finally:
+        logging.getLogger("musu.engine.checkpoint").removeHandler(capture)
+    return extra, layer, capture.messages
+
+
+def _break_tag(folder: Path) -> str:
+    (folder / "last_checkpoint").write_text("model_0000005.pth")  # a file that never existed
+    return "model_0000005.pth: named by"
+
+
+def _delete_newest(folder: Path) -> str:
+    (folder / "model_0000003.pth").unlink()
+    return "model_0000003.pth: named by"
+
+
+def _truncate_newest(folder: Path) -> str:
+    path = folder / "model_0000003.pth"
+    path.write_bytes(path.read_bytes()[:200])
+    return "model_0000003.pth: Weights file"
+
+
+def _remove_tag(folder: Path) -> str:
+    (folder / "last_checkpoint").unlink()
+    return "last_checkpoint does not exist"
+
+
+@pytest.mark.parametrize(
+    "damage, resumed, renamed",
+    [
+        (_break_tag, 3, []),
+        (_delete_newest, 1, []),
+        (_truncate_newest, 1, ["model_0000003.pth"]),
+        (_remove_tag, 3, []),
+    ],
+    ids=["tag_names_missing_file", "newest_deleted", "newest_truncated", "no_tag"],
+)
+def test_resume_continues_from_newest_checkpoint_that_loads(
+    tmp_path: Path, damage, resumed: int, renamed: List[str]
+) -> None:
+    states = _two_checkpoints(tmp_path)
+    skipped = damage(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("model_*.pth")}
+    extra, layer, messages = _resume(tmp_path)
+
+    assert extra["iteration"] == resumed
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, states[resumed][name]), name
+    warning = "\n".join(messages)
+    assert f"continuing from {tmp_path / f'model_{resumed:07d}.pth'}" in warning
+    assert skipped in warning
+    # Nothing lost: each skipped file that exists is kept under a new name, the others as they
+    # were; the tag names the file resumed from, so the next save continues the chain.
+    for name in renamed:
+        assert not (tmp_path / name).exists()
+        assert (tmp_path / f"{name}.unreadable").read_bytes() == before[name]
+        assert f"{name} -> {name}.unreadable" in warning
+    for name, content in before.items():
+        if name not in renamed:
+            assert (tmp_path / name).read_bytes() == content
+    assert (tmp_path / "last_checkpoint").read_text() == f"model_{resumed:07d}.pth"
+
+
+def test_resume_stops_naming_last_checkpoint_when_nothing_loads(tmp_path: Path) -> None:
+    _two_checkpoints(tmp_path)
+    for name in ("model_0000001.pth", "model_0000003.pth"):
+        (tmp_path / name).write_bytes(b"\0" * 64)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(checkpoint_module.NoResumableCheckpointError) as raised:
+        _resume(tmp_path)
+    message = str(raised.value)
+    assert str(tmp_path / "last_checkpoint") in message and "names model_0000003.pth" in message
+    assert "model_0000001.pth (64 bytes)" in message and "model_0000003.pth (64 bytes)" in message
+    assert "binary data of 64 bytes" in message
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing renamed
+
+
+def test_resume_without_any_checkpoint_starts_from_model_weights(tmp_path: Path) -> None:
+    extra, _, messages = _resume(tmp_path / "new_run")
+    assert extra == {} and messages == []
+
+
+def test_train_net_resume_skips_truncated_final_and_keeps_it(tmp_path: Path) -> None:
+    """Through the Trainer: a run of 3 iterations (checkpoint every iteration) whose
+    model_final.pth is truncated and model_0000002.pth deleted resumes from model_0000001.pth,
+    trains iterations 2 and 3, and leaves the truncated file as model_final.pth.unreadable."""
+    split = ensure_split("train", tmp_path / "data", num_images=4, seed=7, image_size=64)
+    dataset, output_dir = "reliability_resume_train", tmp_path / "run"
+    register = ["--register-coco", dataset, split.json_file, split.image_root]
+    opts = _opts(dataset, output_dir)
+    opts[opts.index("SOLVER.CHECKPOINT_PERIOD") + 1] = "1"
+
+    def trainer(max_iter: int, *flags: str) -> train_net.Trainer:
+        run_opts = list(opts)
+        run_opts[run_opts.index("SOLVER.MAX_ITER") + 1] = str(max_iter)
+        argv = ["--config-file", str(SYNTHETIC_CONFIG), *register, *flags, *run_opts]
+        args = parse_tool_args(train_net.build_parser(), argv)
+        train_net.register_datasets(args)
+        trainer = train_net.Trainer(train_net.setup(args))
+        trainer.resume_or_load(resume=args.resume)
+        return trainer
+
+    trainer(3).train()
+    assert (output_dir / "last_checkpoint").read_text() == "model_final.pth"
+    final = output_dir / "model_final.pth"
+    final.write_bytes(final.read_bytes()[:1000])
+    truncated = final.read_bytes()
+    (output_dir / "model_0000002.pth").unlink()
+    expected = _loads(output_dir / "model_0000001.pth")
+
+    resumed = trainer(4, "--resume")
+    assert resumed.start_iter == expected["iteration"] + 1 == 2
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected["model"][name]), name
+    assert (output_dir / "model_final.pth.unreadable").read_bytes() == truncated
+    resumed.train()
+    assert _loads(output_dir / "model_final.pth")["iteration"] == 3
+    assert _loads(output_dir / "model_0000002.pth")["iteration"] == 2
+    assert (output_dir / "model_final.pth.unreadable").read_bytes() == truncated

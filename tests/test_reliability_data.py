@@ -3,7 +3,9 @@
 Two paths are exercised: the model path (hand-made ``Instances``, as a custom mapper would give)
 and the data path (COCO JSON -> ``DatasetCatalog`` -> ``DatasetMapper`` ->
 ``build_detection_train_loader`` -> model). Every case checks that losses and gradients are
-finite. Notation: N images, R anchor slots, C classes, M objects.
+finite. Notation: N images, R anchor slots, C classes, M objects. Bad dataset files (unknown
+category ids, non-finite boxes, a class count that does not fit) are rows of
+tests/test_bad_inputs.py.
 """
 
 from __future__ import annotations
@@ -435,44 +437,3 @@ def test_dirty_coco_dataset_trains_through_the_detectron2_loader(
     net = build_model(cfg)
     net.train()
     train_step(net, batch)
-
-
-def test_unknown_category_id_names_file_and_annotation(tiny_split, tmp_path: Path) -> None:
-    content = json.loads(Path(tiny_split.json_file).read_text())
-    bad = content["annotations"][2]
-    bad["category_id"] = 99
-    image_file = next(i["file_name"] for i in content["images"] if i["id"] == bad["image_id"])
-    path = tmp_path / "unknown_category.json"
-    path.write_text(json.dumps(content))
-    name = _register("reliability_unknown_category", path, tiny_split.image_root)
-    with pytest.raises(ValueError) as error:
-        DatasetCatalog.get(name)
-    message = str(error.value)
-    assert str(path) in message and f"annotation id {bad['id']} " in message
-    assert image_file in message and "category_id 99" in message and "[1, 2, 3, 4, 5]" in message
-
-
-def test_non_finite_bbox_in_json_names_the_annotation(tiny_split, tmp_path: Path) -> None:
-    content = json.loads(Path(tiny_split.json_file).read_text())
-    content["annotations"][0]["bbox"][2] = float("inf")
-    path = tmp_path / "inf_box.json"
-    path.write_text(json.dumps(content))
-    name = _register("reliability_inf_box", path, tiny_split.image_root)
-    with pytest.raises(
-        ValueError, match=f"annotation id {content['annotations'][0]['id']} .*non-finite"
-    ):
-        DatasetCatalog.get(name)
-
-
-def test_num_classes_smaller_than_dataset_fails_before_training(
-    tiny_train_dataset: str, tmp_path: Path
-) -> None:
-    """The synthetic data has 5 classes; NUM_CLASSES 3 fails when the train loader is built,
-    naming the dataset, an image file, an annotation id and the key."""
-    cfg = make_cfg(overrides=trainer_overrides(tiny_train_dataset, tmp_path))
-    cfg.MODEL.MUSU.NUM_CLASSES = 3
-    with pytest.raises(ValueError) as error:
-        train_net.Trainer.build_train_loader(cfg)
-    message = str(error.value)
-    assert tiny_train_dataset in message and "MODEL.MUSU.NUM_CLASSES = 3" in message
-    assert ".jpg" in message and "annotation " in message and "class index" in message

@@ -1,11 +1,11 @@
-"""tools/slot_consistency.py: AP and pre-NMS consistency with each anchor slot alone."""
+"""tools/analysis/slot_consistency.py: AP and pre-NMS consistency with each anchor slot alone."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import slot_consistency  # tools/slot_consistency.py (conftest.py puts tools/ on sys.path)
+import slot_consistency  # tools/analysis/slot_consistency.py (conftest.py puts it on sys.path)
 import torch
 
 import musu
@@ -44,9 +44,8 @@ def test_each_slot_alone_keeps_part_of_the_candidates(tmp_path: Path) -> None:
     # Score threshold 0: an untrained model's candidates all pass, so every pass has some.
     opts = SMALL + ["MODEL.MUSU.SCORE_THRESH_TEST", "0.0", "MODEL.MUSU.TOPK_CANDIDATES_TEST", "50"]
     output = tmp_path / "slots.md"
-    rows = slot_consistency.main(
-        [str(CONFIG), "", "--dataset", "slot_tool_tiny", "--output", str(output), "--opts", *opts]
-    )
+    argv = ["--config-file", str(CONFIG), "--weights", "", "--dataset", "slot_tool_tiny"]
+    rows = slot_consistency.main(argv + ["--output", str(output), "--opts", *opts])
     assert list(rows) == ["all slots", "slot 0", "slot 1"]
     both, first, second = (rows[k]["mean_overlap"] for k in rows)
     assert first > 0 and second > 0

@@ -1,5 +1,5 @@
-"""tools/visualize.py assignment-stats: a PNG from the musu/* and musu_shadow/* scalars of two
-runs' metrics.json, and a clear error for a run that logged none."""
+"""tools/analysis/visualize.py assignment-stats: a PNG from the musu/* and musu_shadow/* scalars
+of two runs' metrics.json, and a clear error for a run that logged none."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-import visualize  # tools/visualize.py (conftest.py puts tools/ on sys.path)
+import visualize  # tools/analysis/visualize.py (conftest.py puts it on sys.path)
 
 
 def _write_run(run_dir: Path, with_stats: bool) -> None:

@@ -1,5 +1,5 @@
-"""tools/visualize.py schedule: the schedule-curve PNG and table from a CSV of runs, and clear
-errors for a CSV it cannot read."""
+"""tools/analysis/visualize.py schedule: the schedule-curve PNG and table from a CSV of runs, and
+clear errors for a CSV it cannot read."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-import visualize  # tools/visualize.py (conftest.py puts tools/ on sys.path)
+import visualize  # tools/analysis/visualize.py (conftest.py puts it on sys.path)
 
 ROWS = """dataset,method,iterations,seed,AP,AP75,command
 cards,MuSu,300,0,4.0,2.0,x

@@ -6,15 +6,16 @@ Inputs, either
                                   coco_instances_results.json of train_net.py, or demo.py's
                                   --json-out with --register-coco), with the ground truth of
                                   --gt-json FILE or --dataset NAME; or
-  --config-file CFG --dataset NAME --opts MODEL.WEIGHTS W   run the model on the dataset first
+  --config-file CFG --dataset NAME MODEL.WEIGHTS W   run the model on the dataset first
                                   (Detectron2's COCOEvaluator; its results file goes to --output)
   --register-coco NAME JSON IMAGES  your own COCO-format dataset (then --dataset NAME)
 Outputs (in --output DIR):
   confusion_matrix.png   (C + 1) x (C + 1) counts, rows true class, columns predicted class,
                          the last row/column background (false positives / missed objects)
   errors.md              the same matrix and per-class precision / recall as Markdown tables
-  pr_curves.png          per-class precision/recall curves with their AP at --iou-threshold
-The matching rules are in musu/evaluation/errors.py.
+  pr_curves.png          per-class precision/recall curves at --iou-threshold from pycocotools'
+                         COCOeval, with their AP (errors.md lists it: COCOEvaluator's number)
+The confusion matrix's matching rule is in musu/evaluation/errors.py.
 
     python tools/analyze_errors.py --dataset musu_synthetic_val --output errors_out \\
         --results output/musu_R_18_FPN_synthetic/inference/musu_synthetic_val/coco_instances_results.json
@@ -26,15 +27,16 @@ import argparse
 import os
 import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 import musu
-from musu.data import add_register_coco_argument, ensure_dataset, register_coco_datasets
+from musu.cli import output_folder, parse_tool_args, probability, tool_argument_parser
+from musu.data import ensure_dataset, register_coco_datasets
 from musu.evaluation import (
+    average_precision_markdown,
     confusion_matrix,
     errors_markdown,
     load_coco_results,
@@ -44,21 +46,17 @@ from musu.evaluation import (
 )
 
 
-def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (:mod:`musu.cli`'s convention; ``--config-file`` only to run a model)."""
+    parser = tool_argument_parser(__doc__, config_required=False)
     parser.add_argument("--results", metavar="FILE", help="COCO results JSON to analyze")
     parser.add_argument("--gt-json", metavar="FILE", help="COCO ground truth of --results")
     parser.add_argument("--dataset", metavar="NAME", help="registered or built-in dataset")
-    parser.add_argument("--config-file", metavar="FILE", help="run this model on --dataset")
-    add_register_coco_argument(parser, help="register a COCO-format dataset (repeatable)")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the outputs")
-    parser.add_argument("--score-threshold", type=float, default=0.3, help="default 0.3")
-    parser.add_argument("--iou-threshold", type=float, default=0.5, help="default 0.5")
     parser.add_argument(
-        "--opts", default=[], nargs=argparse.REMAINDER, help="config KEY VALUE pairs"
+        "--output", required=True, type=output_folder, metavar="DIR", help="folder for outputs"
     )
+    parser.add_argument("--score-threshold", type=probability, default=0.3, help="default 0.3")
+    parser.add_argument("--iou-threshold", type=probability, default=0.5, help="default 0.5")
     return parser
 
 
@@ -66,9 +64,9 @@ def run_model(config_file: str, opts: list[str], dataset: str, output: str) -> s
     """Evaluate the config's model on ``dataset`` with COCOEvaluator; its results file."""
     cfg = musu.build_config(config_file, opts)
     if not cfg.MODEL.WEIGHTS:
-        raise ValueError("--config-file needs weights: --opts MODEL.WEIGHTS path/to/model.pth")
+        raise ValueError("--config-file needs weights: MODEL.WEIGHTS path/to/model.pth (last)")
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    musu.engine.AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # runs no code from the file
     model.eval()
     evaluator = COCOEvaluator(dataset, tasks=("bbox",), output_dir=output)
     inference_on_dataset(model, build_detection_test_loader(cfg, dataset), evaluator)
@@ -76,8 +74,8 @@ def run_model(config_file: str, opts: list[str], dataset: str, output: str) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argument_parser()
-    args = parser.parse_args(argv)
+    parser = build_parser()
+    args = parse_tool_args(parser, argv)
     if bool(args.results) == bool(args.config_file):
         parser.error("give either --results FILE or --config-file CFG (to run the model)")
     if args.config_file and not args.dataset:
@@ -92,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
     names, images = load_coco_results(gt_json, results)
     matrix = confusion_matrix(images, len(names), args.score_threshold, args.iou_threshold)
-    curves = pr_curves(images, len(names), args.iou_threshold)
+    curves = pr_curves(gt_json, results, args.iou_threshold)
     table = errors_markdown(matrix, names, args.score_threshold, args.iou_threshold)
+    table += "\nAverage precision (pycocotools COCOeval, as COCOEvaluator computes it):\n\n"
+    table += average_precision_markdown(curves, names, args.iou_threshold)
     title = f"{os.path.basename(results)}: score >= {args.score_threshold:g}"
     title += f", IoU >= {args.iou_threshold:g}"
     outputs = {

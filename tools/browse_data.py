@@ -31,23 +31,22 @@ from detectron2.data.detection_utils import convert_image_to_rgb, read_image
 from detectron2.utils.visualizer import Visualizer
 
 import musu
-from musu.data import add_register_coco_argument, register_coco_datasets
+from musu.cli import output_folder, parse_tool_args, positive_int, tool_argument_parser
+from musu.data import register_coco_datasets
 
 
-def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="musu/project config")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (:mod:`musu.cli`'s convention)."""
+    parser = tool_argument_parser(__doc__)
     parser.add_argument("--dataset", metavar="NAME", help="default: DATASETS.TRAIN[0]")
-    add_register_coco_argument(parser, help="register a COCO-format dataset (repeatable)")
     parser.add_argument("--source", choices=["annotation", "dataloader", "both"], default="both")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the pictures")
-    parser.add_argument("--num-images", type=int, default=20, help="per source (default 20)")
-    parser.add_argument("--progress-every", type=int, default=10, metavar="N")
     parser.add_argument(
-        "--opts", default=[], nargs=argparse.REMAINDER, help="config KEY VALUE pairs"
+        "--output", required=True, type=output_folder, metavar="DIR", help="folder for pictures"
     )
+    parser.add_argument(
+        "--num-images", type=positive_int, default=20, help="per source (default 20)"
+    )
+    parser.add_argument("--progress-every", type=positive_int, default=10, metavar="N")
     return parser
 
 
@@ -104,10 +103,8 @@ def browse_dataloader(cfg, dataset: str, output: str, num_images: int, every: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argument_parser()
-    args = parser.parse_args(argv)
-    if args.num_images < 1 or args.progress_every < 1:
-        parser.error("--num-images and --progress-every must be >= 1")
+    parser = build_parser()
+    args = parse_tool_args(parser, argv)
     register_coco_datasets(args.register_coco)
     cfg = musu.build_config(args.config_file, args.opts)
     dataset = args.dataset or (cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None)

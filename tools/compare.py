@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Train and evaluate detectors side by side with identical budgets; print one table.
 
-    python tools/compare.py --dataset synthetic --output /tmp/runs/compare/synthetic \
-        configs/Synthetic/musu_R_18_FPN_synthetic.yaml \
-        configs/Synthetic/fcos_R_18_FPN_synthetic.yaml [--opts KEY VALUE ...]
-    python tools/compare.py --eval-only --checkpoints A/model_final.pth B/model_final.pth \
-        --output DIR CFG_A CFG_B
+    python tools/compare.py --config-file configs/Synthetic/musu_R_18_FPN_synthetic.yaml \\
+        configs/Synthetic/fcos_R_18_FPN_synthetic.yaml \\
+        --dataset synthetic --output /tmp/runs/compare/synthetic [KEY VALUE ...]
+    python tools/compare.py --config-file CFG_A CFG_B --eval-only \\
+        --checkpoints A/model_final.pth B/model_final.pth --output DIR
 
 How it runs (per config, one after the other):
 
@@ -17,7 +17,7 @@ How it runs (per config, one after the other):
    then exits with status 128 + signal (no orphaned training).
    The subprocess gets ``DATASETS.TEST ()`` (no evaluation inside training: step 2 evaluates)
    unless ``--train-eval`` is given (then ``TEST.EVAL_PERIOD`` evaluations land in metrics.json,
-   which ``tools/visualize.py curves`` plots as AP curves).
+   which ``tools/analysis/visualize.py curves`` plots as AP curves).
 2. Evaluation, in-process, on the config's ``DATASETS.TEST[0]`` (or ``--dataset``):
    pass 1 with the config's own inference settings: ``COCOEvaluator`` (AP...) and wall-clock
    model time per image (batch 1, after ``--warmup`` images); pass 2 with NMS disabled
@@ -31,14 +31,15 @@ With ``--seeds 0 1 ...`` every config is trained once per seed (``SEED s``, run 
 spread (sample standard deviation, min-max) per method. A training that stops on a non-finite
 loss (Detectron2's ``FloatingPointError``) is recorded as diverged, not evaluated, and counted
 in that summary; any other training failure stops the script.
-Datasets: ``--dataset synthetic`` / ``bccd`` / ``cards`` (built-in), ``--dataset TRAIN,TEST`` (registered
-names), or ``--register NAME JSON IMAGE_ROOT`` (repeatable) for any COCO-format folder.
+Datasets: ``--dataset synthetic`` / ``bccd`` / ``cards`` (built-in), ``--dataset TRAIN,TEST``
+(registered names), or ``--register-coco NAME JSON IMAGE_ROOT`` (repeatable) for any COCO-format
+folder.
+Overrides (``KEY VALUE`` after all options, or after ``--opts``) apply to every config.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -47,18 +48,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, ContextManager, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, inference_on_dataset
-from torch import nn
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
-import musu
+from musu.cli import non_negative_int, output_folder, parse_tool_args, tool_argument_parser
 from musu.data import register_coco_datasets
 from musu.engine import forward_signals_to_children, train_seconds_per_iter
-from musu.engine.amp import autocast_context, resolve_autocast
-from musu.evaluation import PRE_NMS_OPTS, ConsistencyEvaluator
-from musu.model_zoo import load_model
+from musu.evaluation import evaluate_checkpoint
 
 logger = logging.getLogger("musu.compare")
 
@@ -159,79 +156,6 @@ def train(
     return time.perf_counter() - start
 
 
-class _TimedModel(nn.Module):
-    """Wraps a model; accumulates forward wall time after ``warmup`` calls (batch-1 loader)."""
-
-    def __init__(self, model: nn.Module, warmup: int) -> None:
-        super().__init__()
-        self.model, self.warmup = model, warmup
-        self.calls, self.images, self.seconds = 0, 0, 0.0
-
-    def forward(self, inputs):  # noqa: D401 - same contract as the wrapped model
-        start = time.perf_counter()
-        outputs = self.model(inputs)
-        elapsed = time.perf_counter() - start
-        self.calls += 1
-        if self.calls > self.warmup:
-            self.images += len(inputs)
-            self.seconds += elapsed
-        return outputs
-
-
-def evaluate(
-    config_file: str,
-    checkpoint: str,
-    opts: Sequence[str],
-    output_dir: Path,
-    warmup: int = 5,
-    max_images: int = 0,
-    model_context: Optional[Callable[[nn.Module], ContextManager]] = None,
-) -> Dict[str, float]:
-    """COCO AP + inference s/image (config's settings) and pre-NMS consistency, in-process.
-    ``model_context(model)``, when given, is entered around each pass with that pass's model."""
-    context = model_context or (lambda model: contextlib.nullcontext())
-    cfg = musu.build_config(config_file, opts)
-    dataset = cfg.DATASETS.TEST[0]
-    loader = build_detection_test_loader(cfg, dataset)
-    if max_images > 0:
-        loader = _limited(loader, max_images)
-    model = load_model(cfg, checkpoint)
-    timed = _TimedModel(model, warmup)
-    coco = COCOEvaluator(dataset, output_dir=str(output_dir / "inference"))
-    post_nms = ConsistencyEvaluator(dataset)
-    precision = resolve_autocast(cfg, training=False)  # TEST.AMP, as train_net.py evaluates
-    with autocast_context(precision), context(model):
-        results = inference_on_dataset(timed, loader, DatasetEvaluators([coco, post_nms]))
-    row: Dict[str, float] = dict(results.get("bbox", {}))
-    row["infer_s_per_image"] = timed.seconds / timed.images if timed.images else float("nan")
-    row.update({f"post_nms_{k}": v for k, v in results["consistency"].items()})
-
-    pre_cfg = musu.build_config(config_file, list(opts) + PRE_NMS_OPTS)
-    pre_model = load_model(pre_cfg, checkpoint)
-    pre_loader = build_detection_test_loader(pre_cfg, dataset)
-    if max_images > 0:
-        pre_loader = _limited(pre_loader, max_images)
-    with autocast_context(precision), context(pre_model):
-        pre = inference_on_dataset(pre_model, pre_loader, ConsistencyEvaluator(dataset))
-    row.update(pre["consistency"])
-    row["dataset"] = dataset
-    return row
-
-
-class _limited:  # noqa: N801 - a tiny iterable wrapper with len(), as inference_on_dataset needs
-    def __init__(self, loader, count: int) -> None:
-        self.loader, self.count = loader, count
-
-    def __len__(self) -> int:
-        return min(self.count, len(self.loader))
-
-    def __iter__(self):
-        for index, batch in enumerate(self.loader):
-            if index >= self.count:
-                return
-            yield batch
-
-
 def _format(value, fmt: str) -> str:
     if isinstance(value, float) and math.isnan(value):
         return "n/a"
@@ -303,33 +227,44 @@ def summary_table(summary: Dict[str, Dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("configs", nargs="+", help="config files, one per method")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (:mod:`musu.cli`'s convention, one or more configs)."""
+    parser = tool_argument_parser(__doc__, several_configs=True)
     parser.add_argument(
         "--dataset", default=None, help="synthetic | bccd | cards | TRAIN,TEST names"
     )
     parser.add_argument(
-        "--register", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGES"),
-        help="register a COCO-format dataset under NAME (here and in the training subprocess)",
-    )  # fmt: skip
-    parser.add_argument("--output", default="/tmp/runs/compare", help="output folder")
-    parser.add_argument("--max-iter", type=int, default=0, help="override SOLVER.MAX_ITER (all)")
+        "--output", type=output_folder, default="/tmp/runs/compare", help="output folder"
+    )
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=None,
+        "--max-iter", type=non_negative_int, default=0, help="SOLVER.MAX_ITER of all; 0: keep"
+    )
+    parser.add_argument(
+        "--seeds", type=non_negative_int, nargs="+", default=None,
         help="train every config once per seed (SEED s); adds a mean / spread table",
     )  # fmt: skip
     parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoints only")
     parser.add_argument("--checkpoints", nargs="*", default=[], help="one per config")
     parser.add_argument("--reuse", action="store_true", help="skip training if final exists")
     parser.add_argument("--train-eval", action="store_true", help="let train_net.py evaluate")
-    parser.add_argument("--warmup", type=int, default=5, help="images not timed at inference")
-    parser.add_argument("--max-eval-images", type=int, default=0, help="0: whole test set")
-    parser.add_argument("--skip-iters", type=int, default=20, help="iterations not timed")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE for all")
-    args = parser.parse_args(argv)
-    if args.eval_only and len(args.checkpoints) != len(args.configs):
-        parser.error("--eval-only needs one --checkpoints path per config")
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=5, help="images not timed at inference"
+    )
+    parser.add_argument(
+        "--max-eval-images", type=non_negative_int, default=0, help="0: whole test set"
+    )
+    parser.add_argument(
+        "--skip-iters", type=non_negative_int, default=20, help="iterations not timed"
+    )
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parse_tool_args(parser, argv)
+    args.register_coco = args.register_coco or []
+    if args.eval_only and len(args.checkpoints) != len(args.config_file):
+        parser.error("--eval-only needs one --checkpoints path per --config-file")
     if args.eval_only and args.seeds:
         parser.error("--seeds trains; with --eval-only give the checkpoints instead")
     return args
@@ -338,14 +273,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
-    register_coco_datasets(args.register)
+    register_coco_datasets(args.register_coco)
     opts = dataset_opts(args.dataset) + list(args.opts)
     if args.max_iter > 0:
         opts += ["SOLVER.MAX_ITER", str(args.max_iter)]
     output = Path(args.output)
     rows: Dict[str, Dict[str, float]] = {}
     seeds = args.seeds or [None]
-    for index, config_file in enumerate(args.configs):
+    for index, config_file in enumerate(args.config_file):
         for seed in seeds:
             name = Path(config_file).stem + ("" if seed is None else f"_seed{seed}")
             run_opts = opts + ([] if seed is None else ["SEED", str(seed)])
@@ -378,12 +313,14 @@ def run_one(
         metrics = run_dir / "metrics.json"
         if not (args.reuse and Path(checkpoint).is_file()):
             try:
-                seconds = train(config_file, run_dir, opts, args.register, args.train_eval)
+                seconds = train(config_file, run_dir, opts, args.register_coco, args.train_eval)
             except Diverged as error:
                 logger.error("%s: %s", run_dir.name, error)
                 return {"diverged": True, "error": str(error), "config": str(config_file)}
             logger.info("%s trained in %.0f s", run_dir.name, seconds)
-    row = evaluate(config_file, checkpoint, opts, run_dir, args.warmup, args.max_eval_images)
+    row = evaluate_checkpoint(
+        config_file, checkpoint, opts, run_dir, args.warmup, args.max_eval_images
+    )
     row["train_s_per_iter"] = train_seconds_per_iter(metrics, args.skip_iters)
     row.update(config=str(config_file), checkpoint=str(checkpoint))
     row["train_wall_s"] = seconds  # nan when not trained here

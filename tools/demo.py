@@ -36,12 +36,12 @@ import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 
 import musu
-from musu.data import add_register_coco_argument, register_coco_datasets
+from musu.cli import output_folder, parse_tool_args, positive_int, probability, tool_argument_parser
+from musu.data import register_coco_datasets
 from musu.export import ExportedModel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -102,42 +102,38 @@ def video_frames(capture: cv2.VideoCapture, max_frames: int | None) -> Iterator[
         yield frame
 
 
-def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="musu/project config")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (:mod:`musu.cli`'s convention)."""
+    parser = tool_argument_parser(__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="images, folders or glob patterns")
     source.add_argument("--video-input", metavar="FILE", help="a video file")
     source.add_argument("--webcam", action="store_true", help="camera 0 (OpenCV)")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for drawn output")
-    parser.add_argument("--json-out", metavar="FILE", help="write COCO-format detections here")
-    add_register_coco_argument(
-        parser, help="register a COCO-format dataset; the first one gives the class names and ids"
+    parser.add_argument(
+        "--output", required=True, type=output_folder, metavar="DIR", help="folder for output"
     )
+    parser.add_argument("--json-out", metavar="FILE", help="write COCO-format detections here")
     parser.add_argument(
         "--confidence-threshold",
-        type=float,
+        type=probability,
         default=0.3,
         help="draw and save only detections scoring at least this (default 0.3)",
     )
     parser.add_argument(
         "--progress-every",
-        type=int,
+        type=positive_int,
         default=10,
         metavar="N",
         help="print a progress line every N images or frames (default 10)",
     )
-    parser.add_argument("--max-frames", type=int, help="stop a video or webcam after N frames")
+    parser.add_argument(
+        "--max-frames", type=positive_int, help="stop a video or webcam after N frames"
+    )
     parser.add_argument(
         "--exported",
         metavar="FILE",
         help="run this .onnx (ONNX Runtime) or .ts (TorchScript) file from tools/export_model.py "
         "instead of the PyTorch model; --config-file is the config it was exported from",
-    )
-    parser.add_argument(
-        "--opts", default=[], nargs=argparse.REMAINDER, help="config KEY VALUE pairs"
     )
     return parser
 
@@ -155,10 +151,8 @@ def _metadata_source(args, cfg) -> tuple[Any, dict[str, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argument_parser()
-    args = parser.parse_args(argv)
-    if args.progress_every < 1:
-        parser.error(f"--progress-every must be >= 1, got {args.progress_every}")
+    parser = build_parser()
+    args = parse_tool_args(parser, argv)
     cfg = musu.build_config(args.config_file, args.opts)
     if not cfg.MODEL.WEIGHTS and not args.exported:
         parser.error(
@@ -171,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         detect = exported
         num_classes = cfg.MODEL.MUSU.NUM_CLASSES if "MUSU" in cfg.MODEL else None
     else:
-        predictor = DefaultPredictor(cfg)
+        predictor = musu.model_zoo.Predictor(cfg)  # weights read without running code
         detect = lambda image: predictor(image)["instances"]  # noqa: E731
         num_classes = getattr(predictor.model, "num_classes", None)
     names = metadata.get("thing_classes", None)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader
 from detectron2.data.detection_utils import read_image
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
@@ -87,7 +86,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
         parser.error("--run-eval: the config has no DATASETS.TEST")
 
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    musu.engine.AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # runs no code from the file
     model.eval()
     sample = None
     if args.sample_image:

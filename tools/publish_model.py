@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Publish a training run's weights to MuSu's model zoo.
 
-python tools/publish_model.py --run-dir /tmp/runs/zoo/synthetic \
-    --name Synthetic/musu_R_18_FPN_synthetic --output /path/to/mirror [--update-table]
+python tools/publish_model.py --run-dir /tmp/runs/zoo/synthetic \\
+    --name Synthetic/musu_R_18_FPN_synthetic --output /path/to/mirror [--update-table] \\
+    [--config-file RUN/config.yaml] [KEY VALUE ...]
 python tools/publish_model.py --print-table     # MODEL_ZOO.md's table, from models.json
 
 Reads ``<run-dir>/model_final.pth`` (or ``--checkpoint``), keeps only the model's state dict
@@ -28,11 +29,13 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import yaml
+from detectron2.config import CfgNode
 
+from musu.cli import output_folder, parse_tool_args, tool_argument_parser
 from musu.engine import atomic_write, read_metrics_json, train_seconds_per_iter
 from musu.model_zoo.file_io import (
     DEFAULT_MODEL_ZOO_URL,
@@ -175,13 +178,16 @@ def publish(
     name: str,
     run_dir: str | os.PathLike | None = None,
     config_file: str | os.PathLike | None = None,
+    opts: Sequence[str] = (),
 ) -> PublishedModel:
     """Write ``<output>/<name>/model_final_<sha256[:12]>.pth`` and ``metrics.json``.
 
     ``checkpoint``: a Detectron2 training checkpoint (loaded weights-only); ``name``: the config
     name in the zoo (``"Synthetic/musu_R_18_FPN_synthetic"``, ``.yaml`` optional); ``run_dir``:
     the training output folder the numbers come from (default: the checkpoint's folder);
-    ``config_file``: the run's config (default: ``<run_dir>/config.yaml``, if present).
+    ``config_file``: the run's config (default: ``<run_dir>/config.yaml``, if present), read
+    as plain YAML, with ``opts`` (``KEY VALUE`` pairs naming keys it holds) applied; its schedule
+    and test datasets go into ``metrics.json``.
     """
     name = name[: -len(".yaml")] if name.endswith(".yaml") else name
     run_dir = Path(run_dir) if run_dir is not None else Path(checkpoint).parent
@@ -200,8 +206,13 @@ def publish(
         f.write(data)
     metrics = read_run_metrics(run_dir)
     metrics.update(name=name, config=f"configs/{name}.yaml", file=path.name, sha256=digest)
+    if opts and not config_file.is_file():
+        raise FileNotFoundError(
+            f"config overrides {list(opts)} need the run's config: no {config_file}"
+        )
     if config_file.is_file():
-        cfg = yaml.safe_load(config_file.read_text()) or {}
+        cfg = CfgNode(yaml.safe_load(config_file.read_text()) or {})
+        cfg.merge_from_list(list(opts))
         solver, datasets = cfg.get("SOLVER", {}), cfg.get("DATASETS", {})
         metrics.update(
             max_iter=solver.get("MAX_ITER"),
@@ -260,15 +271,17 @@ def update_table(published: PublishedModel, path: str | os.PathLike = TABLE_FILE
         f.write(json.dumps({"models": records}, indent=2, ensure_ascii=False) + "\n")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (:mod:`musu.cli`'s convention; reads no dataset)."""
+    parser = tool_argument_parser(__doc__, config_required=False, reads_data=False)
     parser.add_argument("--run-dir", help="train_net.py OUTPUT_DIR of the run")
     parser.add_argument(
         "--name", help="config path under configs/, e.g. Synthetic/musu_R_18_FPN_synthetic"
     )
-    parser.add_argument("--output", help="folder mirroring the release location")
+    parser.add_argument(
+        "--output", type=output_folder, help="folder mirroring the release location"
+    )
     parser.add_argument("--checkpoint", help="default: <run-dir>/model_final.pth")
-    parser.add_argument("--config-file", help="the run's config; default: <run-dir>/config.yaml")
     parser.add_argument(
         "--base-url", default=DEFAULT_MODEL_ZOO_URL, help="release location for the printed links"
     )
@@ -277,7 +290,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--print-table", action="store_true", help="print MODEL_ZOO.md's table from --table"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parse_tool_args(parser, argv)
     if not args.print_table and not (args.run_dir and args.name and args.output):
         parser.error("--run-dir, --name and --output are required (unless --print-table)")
     return args
@@ -292,7 +310,9 @@ def main(argv: list[str] | None = None) -> PublishedModel | None:
     checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "model_final.pth"
     if not checkpoint.is_file():
         sys.exit(f"publish_model: checkpoint {checkpoint} not found")
-    published = publish(checkpoint, args.output, args.name, run_dir, args.config_file)
+    published = publish(
+        checkpoint, args.output, args.name, run_dir, args.config_file, opts=args.opts
+    )
     print(f"Published {published.path} (sha256 {published.sha256})")
     print(f"metrics: {published.path.parent / 'metrics.json'}")
     print("\nMODEL_ZOO.md row:")

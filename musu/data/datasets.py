@@ -12,7 +12,8 @@ the metadata fields ``json_file`` and ``image_root`` are computed on access by c
 :func:`ensure_dataset`: reading ``json_file`` (as ``COCOEvaluator`` does when constructed)
 generates a missing synthetic split, or raises a ``FileNotFoundError`` naming the missing file and
 ``$MUSU_DATASETS`` for absent real data. Loading a dataset through ``DatasetCatalog.get`` does the
-same before parsing the JSON with :func:`load_coco_detection_json`, which validates and cleans it.
+same before parsing the JSON with :func:`load_coco_detection_json`, which validates and cleans it
+(:func:`check_coco_json`: the file parses and has ``images``, ``annotations`` and ``categories``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ __all__ = [
     "BCCD_CLASSES",
     "BUILTIN_DATASETS",
     "CARDS_CLASSES",
+    "COCO_REQUIRED_KEYS",
+    "check_coco_json",
     "datasets_root",
     "ensure_dataset",
     "load_coco_detection_json",
@@ -128,6 +131,62 @@ def _category_error(json_file: str, dataset_name: str) -> ValueError:
     )
 
 
+COCO_REQUIRED_KEYS: tuple[str, ...] = ("images", "annotations", "categories")
+"""Top-level lists every COCO-format detection JSON must have (``"annotations": []`` for a set of
+images without labels)."""
+_REGISTRATION_CHECK_MAX_BYTES = 64 << 20
+_checked_files: set[tuple[str, int, int]] = set()
+
+
+def _file_key(json_file: str) -> tuple[str, int, int]:
+    stat = os.stat(json_file)
+    return os.path.realpath(json_file), stat.st_mtime_ns, stat.st_size
+
+
+def check_coco_json(json_file: str | os.PathLike, dataset_name: str) -> None:
+    """Raise ``ValueError`` naming the file and the dataset unless ``json_file`` parses as JSON
+    (the message gives line and column otherwise) and holds the lists :data:`COCO_REQUIRED_KEYS`
+    (naming a missing key), with at least one category; ``FileNotFoundError`` if it does not
+    exist. A file that passed is not read again until it changes."""
+    json_file = os.fspath(json_file)
+    where = f"{json_file} (dataset {dataset_name!r})"
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"COCO JSON {where} does not exist")
+    key = _file_key(json_file)
+    if key in _checked_files:
+        return
+    with open(json_file, "rb") as f:
+        raw = f.read()
+    try:
+        content = json.loads(raw)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"COCO JSON {where} is not UTF-8 text ({error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"COCO JSON {where} is not valid JSON: {error.msg} at line {error.lineno}, column "
+            f"{error.colno} ({len(raw)} bytes; a truncated copy or another format?)"
+        ) from None
+    if not isinstance(content, dict):
+        raise ValueError(
+            f"COCO JSON {where} holds a {type(content).__name__}, not an object with the keys "
+            f"{list(COCO_REQUIRED_KEYS)}"
+        )
+    for name in COCO_REQUIRED_KEYS:
+        if name not in content:
+            raise ValueError(
+                f"COCO JSON {where} has no {name!r} key (it has {sorted(content)}); a COCO "
+                f'detection file needs {list(COCO_REQUIRED_KEYS)} ("annotations": [] for '
+                "images without labels)"
+            )
+        if not isinstance(content[name], list):
+            raise ValueError(
+                f"COCO JSON {where}: {name!r} must be a list, got {type(content[name]).__name__}"
+            )
+    if not content["categories"]:
+        raise ValueError(f"COCO JSON {where}: 'categories' is empty; list the object classes")
+    _checked_files.add(key)
+
+
 def load_coco_detection_json(
     json_file: str | os.PathLike, image_root: str | os.PathLike, dataset_name: str
 ) -> list[dict]:
@@ -140,8 +199,10 @@ def load_coco_detection_json(
       negative-size box into a positive one (corners are re-sorted) and train on it.
     Boxes partly outside the image are kept (the mapper clips them), ``iscrowd`` objects too (the
     mapper drops them). Annotation ids are kept in each object's ``"id"``.
+    The file's structure is checked first (:func:`check_coco_json`).
     """
     json_file, image_root = os.fspath(json_file), os.fspath(image_root)
+    check_coco_json(json_file, dataset_name)
     try:
         dicts = load_coco_json(json_file, image_root, dataset_name, extra_annotation_keys=["id"])
     except KeyError as error:
@@ -232,10 +293,18 @@ def register_coco_dataset(
     ``json_file`` (``file_name``s relative to ``image_root``) with the checks of
     :func:`load_coco_detection_json`; the metadata gets
     ``json_file``, ``image_root``, ``evaluator_type="coco"`` and ``metadata``; ``thing_classes``
-    is filled from the JSON categories when the dataset is first loaded. Paths are fixed now but
-    only read at load time. Re-registering a name with different paths raises ``AssertionError``.
+    is filled from the JSON categories when the dataset is first loaded. Re-registering a name
+    with different paths raises ``AssertionError``.
+
+    Checked now, before any model is built: ``json_file`` exists (``FileNotFoundError``) and,
+    up to 64 MiB, passes :func:`check_coco_json` (``ValueError`` naming the file and the key);
+    larger files are checked when the dataset is loaded.
     """
     json_file, image_root = os.fspath(json_file), os.fspath(image_root)
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"COCO JSON {json_file} of dataset {name!r} does not exist")
+    if os.path.getsize(json_file) <= _REGISTRATION_CHECK_MAX_BYTES:
+        check_coco_json(json_file, name)
     DatasetCatalog.register(name, lambda: load_coco_detection_json(json_file, image_root, name))
     MetadataCatalog.get(name).set(
         json_file=json_file, image_root=image_root, evaluator_type="coco", **dict(metadata or {})

@@ -23,8 +23,8 @@ class BestCheckpointer(d2_hooks.BestCheckpointer):
     evaluation so far) that also records the best value in ``<prefix>.json`` (``metric``,
     ``value``, ``iteration``; written atomically after the checkpoint) and, when training resumes
     (``start_iter > 0``), starts from that record, so a resumed run never replaces the best
-    checkpoint by a worse one. Saves go through ``checkpointer`` (train_net gives it the
-    Trainer's :class:`~musu.engine.AtomicCheckpointer`), which also re-tags ``last_checkpoint``:
+    checkpoint by a worse one. Saves go through ``checkpointer`` (:class:`musu.engine.Trainer`
+    gives it its :class:`~musu.engine.AtomicCheckpointer`), which also re-tags ``last_checkpoint``:
     it names the newest complete checkpoint either way."""
 
     def __init__(

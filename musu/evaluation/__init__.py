@@ -1,6 +1,9 @@
-"""Metrics beyond COCO AP: score/IoU consistency of dense detectors (paper Fig. 1 claim) and
-error analysis of COCO results (confusion matrix with background, precision/recall, PR curves)."""
+"""Metrics beyond COCO AP: score/IoU consistency of dense detectors (paper Fig. 1 claim),
+error analysis of COCO results (confusion matrix with background, precision/recall, PR curves
+from pycocotools' COCOeval) and :func:`evaluate_checkpoint` (COCO AP, inference time and
+consistency of one checkpoint, as ``tools/compare.py`` tabulates it)."""
 
+from .checkpoint_eval import evaluate_checkpoint
 from .consistency import (
     PRE_NMS_OPTS,
     ConsistencyEvaluator,
@@ -12,6 +15,7 @@ from .consistency import (
 from .errors import (
     ClassCurve,
     ImageResults,
+    average_precision_markdown,
     confusion_matrix,
     errors_markdown,
     load_coco_results,
@@ -24,7 +28,9 @@ from .errors import (
 __all__ = [
     "ClassCurve",
     "ImageResults",
+    "average_precision_markdown",
     "confusion_matrix",
+    "evaluate_checkpoint",
     "errors_markdown",
     "load_coco_results",
     "plot_confusion_matrix",

@@ -13,13 +13,14 @@ Classes are the dataset's categories in ascending id order (index ``0..C-1``); i
   an object that no detection matched adds 1 at ``[true class, C]`` (missed).
 * :func:`precision_recall` at that operating point: per class ``TP / (column sum)`` and
   ``TP / (row sum)``, NaN where the denominator is 0.
-* :func:`pr_curves`: per class, every detection of that class in descending score order matched
-  greedily to the same class only (Pascal VOC / COCO style), with the cumulative precision and
-  recall and the all-point interpolated average precision.
+* :func:`pr_curves`: per class, pycocotools' ``COCOeval`` precision at COCO's 101 recall points
+  and its mean, the average precision Detectron2's ``COCOEvaluator`` reports.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import numpy as np
 __all__ = [
     "ClassCurve",
     "ImageResults",
+    "average_precision_markdown",
     "box_iou",
     "confusion_matrix",
     "errors_markdown",
@@ -68,7 +70,8 @@ class ImageResults:
 
 @dataclass
 class ClassCurve:
-    """Precision/recall of one class over descending score thresholds (``scores``)."""
+    """Precision of one class at increasing recall (COCO's 101 points), with the score at which
+    the detector reaches each; precision is NaN where the class has no objects."""
 
     precision: np.ndarray
     recall: np.ndarray
@@ -146,70 +149,58 @@ def precision_recall(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return tp / predicted, tp / actual
 
 
-def pr_curves(
-    images: list[ImageResults], num_classes: int, iou_threshold: float
-) -> list[ClassCurve]:
-    """One :class:`ClassCurve` per class: all detections of the class ranked by score, each a
-    true positive when it matches (IoU >= ``iou_threshold``) a not yet matched object of the
-    class; detections inside a crowd region of any class (intersection / own area >=
-    ``iou_threshold``) that match nothing are ignored. AP is the area under the precision
-    envelope (all-point interpolation)."""
+def pr_curves(gt_json: str, results_json: str, iou_threshold: float = 0.5) -> list[ClassCurve]:
+    """One :class:`ClassCurve` per class (categories by ascending id), from pycocotools'
+    ``COCOeval`` at IoU ``iou_threshold`` (all areas, 100 detections per image): precision at
+    COCO's 101 recall points (``eval["precision"][0, :, k, 0, -1]``), the score reached there,
+    and AP as their mean, the number Detectron2's ``COCOEvaluator`` computes for this class at
+    this IoU. Crowd objects and the detections they absorb count as COCO counts them. AP is NaN
+    for a class without objects, 0 for one without detections."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
     _check_thresholds(0.0, iou_threshold)
-    scores: list[list[float]] = [[] for _ in range(num_classes)]
-    hits: list[list[int]] = [[] for _ in range(num_classes)]  # 1 TP, 0 FP
-    num_gt = np.zeros(num_classes, dtype=np.int64)
-    for image in images:
-        _check_classes(image, num_classes)
-        real = ~image.gt_crowd
-        gt_boxes, gt_classes = image.gt_boxes[real], image.gt_classes[real]
-        num_gt += np.bincount(gt_classes, minlength=num_classes)
-        crowd_boxes = image.gt_boxes[image.gt_crowd]
-        for c in np.unique(image.det_classes):
-            pick = np.flatnonzero(image.det_classes == c)
-            pick = pick[np.argsort(-image.det_scores[pick], kind="stable")]
-            targets = gt_classes == c
-            iou = box_iou(image.det_boxes[pick], gt_boxes[targets])
-            crowd = box_iou(image.det_boxes[pick], crowd_boxes, np.ones(len(crowd_boxes), bool))
-            matched = np.zeros(int(targets.sum()), dtype=bool)
-            for d, index in enumerate(pick):
-                candidates = (iou[d] >= iou_threshold) & ~matched
-                if candidates.any():
-                    matched[int(np.argmax(np.where(candidates, iou[d], -1.0)))] = True
-                    hit = 1
-                elif len(crowd_boxes) and crowd[d].max() >= iou_threshold:
-                    continue
-                else:
-                    hit = 0
-                scores[c].append(float(image.det_scores[index]))
-                hits[c].append(hit)
+    with open(gt_json) as f:
+        gt = json.load(f)
+    with open(results_json) as f:
+        results = json.load(f)
+    for ann in gt.get("annotations", []):  # COCOeval's area ranges need every object's area
+        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+    categories = sorted(c["id"] for c in gt.get("categories", []))
+    num_gt = {c: 0 for c in categories}
+    for ann in gt.get("annotations", []):
+        if not ann.get("iscrowd", 0):
+            num_gt[ann["category_id"]] += 1
+    recall = np.linspace(0.0, 1.0, 101)
+    if results:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            coco_gt = COCO()
+            coco_gt.dataset = gt
+            coco_gt.createIndex()
+            evaluation = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+            evaluation.params.iouThrs = np.array([iou_threshold])
+            evaluation.params.recThrs = recall
+            evaluation.evaluate()
+            evaluation.accumulate()
+        precisions = evaluation.eval["precision"][0, :, :, 0, -1]  # (R=101, K)
+        scores = evaluation.eval["scores"][0, :, :, 0, -1]  # (R, K)
+    else:  # pycocotools cannot load an empty results list: no detection, precision 0
+        precisions = np.array([[0.0 if num_gt[c] else -1.0 for c in categories]] * len(recall))
+        scores = np.zeros_like(precisions)
     curves = []
-    for c in range(num_classes):
-        order = np.argsort(-np.asarray(scores[c]), kind="stable")
-        tp = np.cumsum(np.asarray(hits[c], dtype=np.float64)[order])
-        fp = np.cumsum(1.0 - np.asarray(hits[c], dtype=np.float64)[order])
-        precision = tp / np.maximum(tp + fp, 1e-12)
-        recall = tp / num_gt[c] if num_gt[c] else np.full_like(tp, np.nan)
+    for k, category in enumerate(categories):
+        precision = precisions[:, k].astype(np.float64)
+        valid = precision > -1
         curves.append(
             ClassCurve(
-                precision=precision,
+                precision=np.where(valid, precision, np.nan),
                 recall=recall,
-                scores=np.asarray(scores[c])[order],
-                average_precision=_average_precision(precision, recall, int(num_gt[c])),
-                num_gt=int(num_gt[c]),
+                scores=scores[:, k].astype(np.float64),
+                average_precision=float(precision[valid].mean()) if valid.any() else float("nan"),
+                num_gt=num_gt[category],
             )
         )
     return curves
-
-
-def _average_precision(precision: np.ndarray, recall: np.ndarray, num_gt: int) -> float:
-    if num_gt == 0:
-        return float("nan")
-    if len(precision) == 0:
-        return 0.0
-    r = np.concatenate([[0.0], recall])
-    p = np.concatenate([[0.0], precision])
-    envelope = np.maximum.accumulate(p[::-1])[::-1]
-    return float(np.sum((r[1:] - r[:-1]) * envelope[1:]))
 
 
 def _check_classes(image: ImageResults, num_classes: int) -> None:
@@ -296,6 +287,18 @@ def errors_markdown(
     return "\n".join(lines) + "\n"
 
 
+def average_precision_markdown(
+    curves: list[ClassCurve], class_names: list[str], iou_threshold: float
+) -> str:
+    """Per-class AP of :func:`pr_curves` (in percent, as ``COCOEvaluator`` prints it) as a
+    Markdown table."""
+    lines = [f"| class | objects | AP{100 * iou_threshold:g} |", "| --- | ---: | ---: |"]
+    for curve, name in zip(curves, class_names):
+        ap = "n/a" if np.isnan(curve.average_precision) else f"{100 * curve.average_precision:.4f}"
+        lines.append(f"| {name} | {curve.num_gt} | {ap} |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(value: float) -> str:
     return "n/a" if np.isnan(value) else f"{value:.3f}"
 
@@ -347,8 +350,7 @@ def plot_pr_curves(curves: list[ClassCurve], class_names: list[str], path: str, 
         if curve.num_gt == 0:
             continue
         label = f"{name} (AP {100 * curve.average_precision:.1f}, {curve.num_gt} objects)"
-        ax.plot(np.concatenate([[0.0], curve.recall]), np.concatenate([[1.0], curve.precision]),
-                label=label, drawstyle="steps-post")  # fmt: skip
+        ax.plot(curve.recall, curve.precision, label=label, drawstyle="steps-post")
     ax.set_xlim(0, 1.0)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("recall")

@@ -2,9 +2,11 @@
 
 ``get_config_file`` / ``get_config`` / ``get_checkpoint_url`` / ``get`` take a config path
 relative to ``configs/`` (shipped inside the package); ``load_model(cfg, weights)`` builds and
-loads any config's model. The published models are listed in ``models.json`` (:mod:`.table`). ``MODEL.WEIGHTS musu://<name>`` works
-wherever Detectron2's ``PathManager`` resolves paths (``DetectionCheckpointer``,
-``train_net.py --eval-only``): downloads are cached and verified (:mod:`.file_io`).
+loads any config's model and ``Predictor(cfg)`` is Detectron2's ``DefaultPredictor``, both reading
+weights without running code from the file. The published models are listed in ``models.json``
+(:mod:`.table`). ``MODEL.WEIGHTS musu://<name>`` works wherever Detectron2's ``PathManager``
+resolves paths (``DetectionCheckpointer``, ``train_net.py --eval-only``): downloads are cached
+and verified (:mod:`.file_io`).
 """
 
 from detectron2.utils.file_io import PathManager
@@ -20,6 +22,7 @@ from .file_io import (
     model_zoo_url,
 )
 from .model_zoo import (
+    Predictor,
     WeightsOnlyCheckpointer,
     get,
     get_checkpoint_url,
@@ -40,6 +43,7 @@ __all__ = [
     "ModelZooEntry",
     "ModelZooError",
     "MuSuModelZooHandler",
+    "Predictor",
     "TABLE_FILE",
     "WeightsOnlyCheckpointer",
     "cache_dir",

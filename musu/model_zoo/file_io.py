@@ -4,12 +4,14 @@
 ``$MUSU_MODEL_ZOO_URL`` when set (a mirror, a local folder or ``file://`` URL on an air-gapped
 site, a test server), read each time a path is resolved. ``<name>`` is either a model-zoo config
 name (``Synthetic/musu_R_18_FPN_synthetic``, ``.yaml`` optional) or a published file path
-relative to the release location (``<config name>/model_final_<sha256 prefix>.pth``).
+relative to the release location (``<config name>/model_final_<sha256 prefix>.pth``, or
+``.pkl`` for Detectron2's model-zoo format).
 
 Every file is checked before it is used: its SHA-256 must equal the model zoo table's hash (or,
-for a file outside the table, start with the hex prefix in its name), and it must load with
-``torch.load(..., weights_only=True)`` as ``{"model": {str: Tensor}, "__author__"?: str,
-"matching_heuristics"?: bool}``. A download that fails the hash check is deleted and refused with
+for a file outside the table, start with the hex prefix in its name), and it must load without
+running code (:func:`musu.engine.weights_io.load_weights_file`: tensor-only ``torch.load`` for
+``.pth``, a numpy-only unpickler for ``.pkl``) as ``{"model": {str: Tensor or ndarray},
+"__author__"?: str, "matching_heuristics"?: bool}``. A download that fails the hash check is deleted and refused with
 :class:`ChecksumMismatchError`; a cached file that fails it is deleted and downloaded once more.
 
 Cache folder (see :func:`cache_dir`): ``$MUSU_CACHE_DIR/model_zoo`` if ``MUSU_CACHE_DIR`` is set;
@@ -31,10 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Mapping
 
+import numpy as np
 import torch
 from iopath.common.file_io import PathHandler, file_lock
 
 from ..engine.checkpoint import atomic_write
+from ..engine.weights_io import WeightsFileError, load_weights_file
 from .table import MODEL_ZOO_FILES, configs_root
 
 __all__ = [
@@ -68,7 +72,7 @@ HASH_PREFIX_LENGTH = 12
 """Hex characters of the SHA-256 in a published file's name (``model_final_<12 hex>.pth``)."""
 _MIN_PREFIX_LENGTH = 8
 ALLOWED_CHECKPOINT_KEYS = frozenset({"model", "__author__", "matching_heuristics"})
-_HASHED_NAME = re.compile(r"^.+_([0-9a-f]{%d,64})\.pth$" % _MIN_PREFIX_LENGTH)
+_HASHED_NAME = re.compile(r"^.+_([0-9a-f]{%d,64})\.(?:pth|pkl)$" % _MIN_PREFIX_LENGTH)
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60.0
 
@@ -152,6 +156,20 @@ def resolve(name: str) -> ResolvedFile:
     )
 
 
+def _mirror_hint() -> str:
+    source = (
+        f"{ENV_MODEL_ZOO_URL}={os.environ[ENV_MODEL_ZOO_URL]!r}"
+        if os.environ.get(ENV_MODEL_ZOO_URL)
+        else f"the default release location ({ENV_MODEL_ZOO_URL} is not set)"
+    )
+    return (
+        f"Base URL from {source}. To use a mirror, set {ENV_MODEL_ZOO_URL} to its URL or to a "
+        f"local folder holding <config name>/<file> (e.g. export {ENV_MODEL_ZOO_URL}="
+        "/shared/musu-model-zoo), or put the file into the cache folder "
+        f"{cache_dir()} under the same relative path."
+    )
+
+
 def _check_hash(path: Path, expected: str, actual: str, url: str, note: str = "") -> None:
     if not actual.startswith(expected):
         raise ChecksumMismatchError(
@@ -178,10 +196,10 @@ def _download(url: str, dest: IO[bytes]) -> tuple[str, str]:
     except urllib.error.HTTPError as error:
         raise ModelZooError(
             f"Could not download {url}: HTTP {error.code} {error.reason}. Is the file published "
-            f"there? (base URL from {ENV_MODEL_ZOO_URL} or the default release location)"
+            f"there? {_mirror_hint()}"
         ) from error
     except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
-        raise ModelZooError(f"Could not download {url}: {error!r}") from error
+        raise ModelZooError(f"Could not download {url}: {error!r}. {_mirror_hint()}") from error
     note = ""
     if declared is not None and declared.isdigit() and int(declared) != size:
         note = f"; received {size} of {declared} bytes"
@@ -223,29 +241,28 @@ def fetch(name: str, force: bool = False) -> str:
 
 
 def validate_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """Load (tensors only: ``weights_only=True``) and check a published checkpoint.
+    """Load (without running code: :func:`musu.engine.weights_io.load_weights_file`) and check a
+    published checkpoint.
 
-    Returns the dict; raises :class:`ModelZooError` if the file needs more than the weights-only
-    unpickler or its content is not ``{"model": {str: Tensor}, "__author__"?: str,
-    "matching_heuristics"?: bool}``.
+    Returns the dict; raises :class:`ModelZooError` if the file needs more than tensors, numpy
+    arrays and plain containers, or its content is not ``{"model": {str: Tensor or ndarray},
+    "__author__"?: str, "matching_heuristics"?: bool}``.
     """
     source = "<dict>"
     if not isinstance(checkpoint, Mapping):
         source = os.fspath(checkpoint)
         try:
-            checkpoint = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any failure means: not a weights-only file
-            raise ModelZooError(
-                f"{source} is not a tensor-only checkpoint (torch.load(weights_only=True) "
-                f"failed): {error}"
-            ) from error
+            checkpoint = load_weights_file(source)
+        except WeightsFileError as error:
+            raise ModelZooError(f"{source} is not a tensor-only checkpoint: {error}") from error
     problem = None
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
         problem = "it is not a dict with a 'model' entry"
     elif set(checkpoint) - ALLOWED_CHECKPOINT_KEYS:
         problem = f"unexpected entries {sorted(set(checkpoint) - ALLOWED_CHECKPOINT_KEYS)}"
     elif not isinstance(checkpoint["model"], Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint["model"].items()
+        isinstance(k, str) and isinstance(v, (torch.Tensor, np.ndarray))
+        for k, v in checkpoint["model"].items()
     ):
         problem = "'model' is not a {name: Tensor} state dict"
     elif not isinstance(checkpoint.get("__author__", ""), str) or not isinstance(

@@ -4,24 +4,27 @@ Mirrors ``detectron2.model_zoo``: :func:`get_config_file`, :func:`get_config`,
 :func:`get_checkpoint_url` and :func:`get` take a config path relative to the repository's
 ``configs/`` folder (e.g. ``"Synthetic/musu_R_18_FPN_synthetic.yaml"``). Checkpoint URLs are
 ``musu://`` paths, resolved, downloaded and verified by :mod:`musu.model_zoo.file_io`.
+:func:`load_model` and :class:`Predictor` load any config's weights without running code from the
+file (:class:`musu.engine.AtomicCheckpointer`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
+from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 from torch import nn
 
 from ..config import build_config
 from ..engine.amp import apply_memory_format
+from ..engine.checkpoint import AtomicCheckpointer
 from .file_io import PREFIX
 from .table import MODEL_ZOO_FILES, configs_root
 
 __all__ = [
+    "Predictor",
     "WeightsOnlyCheckpointer",
     "get",
     "get_checkpoint_url",
@@ -70,21 +73,33 @@ def get_config(config_path: str, trained: bool = False) -> CfgNode:
     return build_config(get_config_file(config_path), opts, freeze=False)
 
 
-class WeightsOnlyCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` whose ``.pth`` loads always use ``torch.load(...,
-    weights_only=True)``, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says."""
-
-    def _torch_load(self, f: str) -> dict:
-        return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+WeightsOnlyCheckpointer = AtomicCheckpointer
+"""The checkpointer musu loads weights with (:class:`musu.engine.AtomicCheckpointer`): ``.pth``
+through tensor-only ``torch.load``, Detectron2 model-zoo ``.pkl`` through a numpy-only
+unpickler, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says."""
 
 
 def load_model(cfg: CfgNode, weights: str | None = None) -> nn.Module:
     """``build_model(cfg)`` with ``weights`` (default ``cfg.MODEL.WEIGHTS``; a local path or any
-    PathManager path such as ``musu://``) loaded weights-only, in eval mode, channels-last where
-    ``MODEL.CHANNELS_LAST``."""
+    PathManager path such as ``musu://``) loaded without running code from the file, in eval
+    mode, channels-last where ``MODEL.CHANNELS_LAST``."""
     model = apply_memory_format(build_model(cfg), cfg)
-    WeightsOnlyCheckpointer(model).load(cfg.MODEL.WEIGHTS if weights is None else weights)
+    AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS if weights is None else weights)
     return model.eval()
+
+
+class Predictor(DefaultPredictor):
+    """Detectron2's ``DefaultPredictor`` (one BGR/RGB ``(H, W, 3)`` uint8 image in, the model's
+    output dict out, after the test-time resize) whose ``MODEL.WEIGHTS`` are loaded by
+    :class:`musu.engine.AtomicCheckpointer`, so that a weights file cannot run code."""
+
+    def __init__(self, cfg: CfgNode) -> None:
+        unloaded = cfg.clone()
+        unloaded.defrost()
+        unloaded.MODEL.WEIGHTS = ""  # DefaultPredictor builds the model and loads nothing
+        super().__init__(unloaded)
+        self.cfg = cfg.clone()
+        AtomicCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
 
 
 def get(config_path: str, trained: bool = False, device: str | None = None) -> nn.Module:

@@ -196,6 +196,26 @@ class MuSu(DenseDetector):
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
     ) -> None:
+        """
+        Args:
+            backbone: a backbone whose outputs include ``head_in_features``.
+            head: the dense head (:class:`MuSuHead`) on those features; its ``num_anchors``
+                (A) is the number of anchor slots per location.
+            head_in_features: names of the backbone outputs the head runs on, one per level.
+            assigner: the training assigner (``base.Assigner`` protocol): detached scores and
+                decoded boxes in, one ``Assignment`` with separate cls / reg weights out.
+            shadow_assigner: an assigner run beside the training one for its logged statistics
+                only (``musu_shadow/*``); None: none.
+            num_classes: number of foreground classes C.
+            focal_loss_alpha, focal_loss_gamma: the focal loss' alpha and gamma (Eq. 7).
+            beta: exponent of the (1 - w) factor of the soft negative term of Eq. 7.
+            reg_loss_weight: multiplier of the normalized GIoU loss.
+            test_score_thresh: minimum merged score (class x objectness) kept at inference.
+            test_topk_candidates: candidates kept per level before NMS.
+            test_nms_thresh: IoU threshold of the class-wise NMS.
+            max_detections_per_image: detections kept per image after NMS.
+            pixel_mean, pixel_std: per-channel input normalization (Detectron2's).
+        """
         super().__init__(
             backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
         )
@@ -326,9 +346,7 @@ class MuSu(DenseDetector):
             ignore=assignment.ignore,
         )
         reg_mask = assignment.reg_weight > 0  # (N, R)
-        reg_gt_index = (
-            assignment.gt_index if assignment.reg_gt_index is None else assignment.reg_gt_index
-        )
+        reg_gt_index = assignment.reg_target_index  # (N, R)
         image_index, anchor_index = reg_mask.nonzero(as_tuple=True)
         target_boxes = padded_boxes[image_index, reg_gt_index[reg_mask]]  # (P, 4)
         loss_reg = weighted_giou_loss(

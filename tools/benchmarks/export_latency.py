@@ -31,7 +31,6 @@ from common import (
     paired_ratio,
     quiet_warnings,
 )
-from detectron2.engine import DefaultPredictor
 
 import musu
 from musu.data.synthetic import render_image
@@ -64,7 +63,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
         opts += ["MODEL.MUSU.SCORE_THRESH_TEST", str(score_thresh)]
     cfg = musu.build_config(args.config, opts)
     torch.manual_seed(0)
-    predictor = DefaultPredictor(cfg)
+    predictor = musu.model_zoo.Predictor(cfg)  # DefaultPredictor, weights read safely
     size = int(cfg.INPUT.MIN_SIZE_TEST)
     images = [render_image(seed=7, index=i, image_size=size)[0] for i in range(args.images)]
 

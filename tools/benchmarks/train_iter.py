@@ -121,9 +121,9 @@ def dataset_images(name: str, count: int, size: int) -> List[Dict[str, object]]:
 
 def load_weights(model: nn.Module, path: str) -> None:
     """Load a Detectron2 checkpoint into ``model`` (the full state must match)."""
-    from detectron2.checkpoint import DetectionCheckpointer
+    from musu.engine import AtomicCheckpointer  # reads weights without running code
 
-    DetectionCheckpointer(model).load(path)
+    AtomicCheckpointer(model).load(path)
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -92,6 +92,12 @@ class Assignment:
     reg_gt_index: Optional[Tensor] = None
     stats: Dict[str, Tensor] = field(default_factory=dict)
 
+    @property
+    def reg_target_index(self) -> Tensor:
+        """(N, R) long, the object each anchor regresses to (-1: none): ``reg_gt_index`` where
+        the assigner set it, else ``gt_index``."""
+        return self.gt_index if self.reg_gt_index is None else self.reg_gt_index
+
 
 class Assigner(Protocol):
     """``(grid, scores, pred_boxes, gt_boxes, gt_classes) -> Assignment`` (module docstring)."""

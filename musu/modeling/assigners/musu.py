@@ -179,6 +179,21 @@ class MuSuAssigner:
         soft: bool = True,
         criterion: str = "mutual",
     ) -> None:
+        """
+        Args:
+            theta: exponent of IoU in the joint likelihood P = p * IoU**theta (Eq. 1).
+            bag_threshold: an anchor joins object j's candidate bag C_j when its P exceeds
+                ``bag_threshold`` times the largest P for j (Eq. 2); in (0, 1).
+            alpha: exponent of the other head's quality in the ranking criteria (Eq. 3):
+                v_cls = IoU**theta * p**alpha, v_reg = p * (IoU**theta)**alpha; in [0, 1].
+            tau_ratio: tau_reg = tau_cls / tau_ratio (Eq. 6).
+            temperature: a fixed tau_cls; None: sqrt(|C_j|) per object (Eq. 6).
+            soft: weights exp(-rank / tau) (Eq. 4); False: 1 for rank < tau, else 0.
+            criterion: "mutual" (Eq. 3), or "cls" / "iou" to rank both heads' samples by p /
+                IoU**theta alone (the paper's Table 1 ablation).
+
+        Raises ``ValueError`` naming the argument when a value is outside its range.
+        """
         _check_positive("theta", theta)
         _check_range("bag_threshold", bag_threshold, 0.0, 1.0, closed=False)
         _check_range("alpha", alpha, 0.0, 1.0, closed=True)

@@ -133,9 +133,7 @@ class MuSuRankSort(MuSu):
         """GIoU on the regression samples, weighted by reg weight x detached score (Eq. S18) and
         normalized by the summed weights; 0 without samples."""
         reg_mask = assignment.reg_weight > 0  # (N, R)
-        reg_gt_index = (
-            assignment.gt_index if assignment.reg_gt_index is None else assignment.reg_gt_index
-        )
+        reg_gt_index = assignment.reg_target_index  # (N, R)
         reg_image, reg_anchor = reg_mask.nonzero(as_tuple=True)  # (P,) each
         reg_object = reg_gt_index[reg_image, reg_anchor]
         weights = assignment.reg_weight[reg_image, reg_anchor]

@@ -219,11 +219,11 @@ def test_root_train_net_setup_adds_the_ranksort_keys(tmp_path: Path) -> None:
     config = SYNTHETIC / "fcos_rs_R_18_FPN_synthetic.yaml"
     argv = ["--config-file", str(config), "MODEL.RANKSORT.DELTA", "0.25"]
     argv += ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path)]
-    cfg = script.setup(script.argument_parser().parse_args(argv))
+    cfg = script.setup(script.build_parser().parse_args(argv))
     assert cfg.is_frozen()
     assert cfg.MODEL.META_ARCHITECTURE == "MuSuRankSort"
     assert cfg.MODEL.MUSU.ASSIGNER == "build_fcos_assigner"
     assert cfg.MODEL.RANKSORT.DELTA == 0.25 and cfg.MODEL.RANKSORT.SELF_BALANCE is True
     bad = argv[:2] + ["MODEL.RANKSORT.CLS_LABEL", "nope"] + argv[4:]
     with pytest.raises(ValueError, match="CLS_LABEL"):
-        script.setup(script.argument_parser().parse_args(bad))
+        script.setup(script.build_parser().parse_args(bad))

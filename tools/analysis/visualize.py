@@ -2,20 +2,24 @@
 """Figures of the paper's claims, one PNG per command (matplotlib, CPU).
 
     # Fig. 1: per-location class confidence next to IoU with the ground truth, MuSu vs FCOS
-    python tools/visualize.py consistency --out fig1.png --dataset musu_synthetic_val --image 0 \
-        --model MuSu CFG_A WEIGHTS_A --model FCOS CFG_B WEIGHTS_B
+    python tools/analysis/visualize.py consistency --out fig1.png --dataset musu_synthetic_val \\
+        --config-file CFG_A CFG_B --weights WEIGHTS_A WEIGHTS_B --names MuSu FCOS --image 0
     # Fig. 2: where the assigner puts classification and regression weight on a training image
-    python tools/visualize.py assignment --out fig2.png CFG WEIGHTS --dataset musu_synthetic_train
+    python tools/analysis/visualize.py assignment --out fig2.png --config-file CFG \\
+        --weights WEIGHTS --dataset musu_synthetic_train
     # Fig. 3: learned anchor shapes (A > 1) from the regression biases, against the initial ones
-    python tools/visualize.py anchors --out fig3.png CFG WEIGHTS
+    python tools/analysis/visualize.py anchors --out fig3.png --config-file CFG --weights WEIGHTS
     # Loss and AP curves of compared runs from metrics.json (final AP from compare.json if no evals)
-    python tools/visualize.py curves --out curves.png --run MuSu RUN_DIR_A --run FCOS RUN_DIR_B
+    python tools/analysis/visualize.py curves --out curves.png \\
+        --run MuSu RUN_DIR_A --run FCOS RUN_DIR_B
     # Assignment statistics over training (musu/* and, with MODEL.MUSU.SHADOW_ASSIGNER, the
     # shadow rule's musu_shadow/*), one column per run
-    python tools/visualize.py assignment-stats --out stats.png --run A RUN_DIR_A --run B RUN_DIR_B
+    python tools/analysis/visualize.py assignment-stats --out stats.png \\
+        --run A RUN_DIR_A --run B RUN_DIR_B
     # Schedule curve: final AP and AP75 against schedule length, one panel per dataset, from a
     # CSV of runs (columns dataset, method, iterations, seed, AP, AP75; further columns ignored)
-    python tools/visualize.py schedule --out schedule.png --csv docs/figures/schedule_curve.csv
+    python tools/analysis/visualize.py schedule --out schedule.png \\
+        --csv docs/figures/schedule_curve.csv
 
 Confidence is the score each detector ranks by in NMS: MuSu ``sigmoid(cls) * sigmoid(obj)``,
 FCOS ``sqrt(sigmoid(cls) * sigmoid(ctr))``, for the object's class. Maps are shown at the FPN level
@@ -50,6 +54,8 @@ from torch import Tensor  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
 from musu import build_config  # noqa: E402
+from musu.cli import add_tool_arguments, non_negative_int, parse_tool_args  # noqa: E402
+from musu.data import register_coco_datasets  # noqa: E402
 from musu.engine import read_metrics_json  # noqa: E402
 from musu.evaluation import spearman  # noqa: E402
 from musu.model_zoo import load_model  # noqa: E402
@@ -209,7 +215,7 @@ def figure_consistency(args) -> None:
 
 
 def figure_assignment(args) -> None:
-    cfg = build_config(args.config, args.opts)
+    cfg = build_config(args.config_file, args.opts)
     model = load_model(cfg, args.weights)
     if not isinstance(model, MuSu):
         raise TypeError("the assignment figure needs a MuSu model (its assigner)")
@@ -265,7 +271,7 @@ def learned_anchor_boxes(head: MuSuHead) -> Tensor:
 
 
 def figure_anchors(args) -> None:
-    cfg = build_config(args.config, args.opts)
+    cfg = build_config(args.config_file, args.opts)
     model = load_model(cfg, args.weights)
     head = model.head
     if not isinstance(head, MuSuHead):
@@ -470,26 +476,32 @@ def figure_schedule(args) -> None:
     print(f"wrote {args.out}")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per figure; those that build a model follow :mod:`musu.cli`'s convention
+    (``--config-file``, ``--register-coco`` where they read data, trailing overrides)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("consistency", help="Fig. 1: confidence vs IoU maps")
-    p.add_argument("--model", nargs=3, action="append", required=True,
-                   metavar=("NAME", "CONFIG", "WEIGHTS"))  # fmt: skip
+    add_tool_arguments(p, several_configs=True)
+    p.add_argument("--weights", nargs="+", required=True, help="one checkpoint per config")
+    p.add_argument("--names", nargs="+", help="one row title per config (default: file stems)")
     p.add_argument("--dataset", default="musu_synthetic_val")
-    p.add_argument("--image", type=int, default=0)
+    p.add_argument("--image", type=non_negative_int, default=0)
     p.add_argument("--object", type=int, default=-1, help="-1: the largest object")
     p.set_defaults(func=figure_consistency)
     p = sub.add_parser("assignment", help="Fig. 2: MuSu cls / reg weights on a training image")
-    p.add_argument("config")
-    p.add_argument("weights")
+    add_tool_arguments(p)
+    p.add_argument("--weights", required=True, help="checkpoint")
     p.add_argument("--dataset", default="musu_synthetic_train")
-    p.add_argument("--image", type=int, default=0)
+    p.add_argument("--image", type=non_negative_int, default=0)
     p.set_defaults(func=figure_assignment)
     p = sub.add_parser("anchors", help="Fig. 3: learned anchor shapes of an A > 1 model")
-    p.add_argument("config")
-    p.add_argument("weights")
+    add_tool_arguments(p, reads_data=False)
+    p.add_argument("--weights", required=True, help="checkpoint")
     p.set_defaults(func=figure_anchors)
+    # The run figures read training outputs (metrics.json, a CSV of runs), never a config.
     p = sub.add_parser("curves", help="loss and AP curves from metrics.json")
     p.add_argument("--run", nargs=2, action="append", required=True, metavar=("NAME", "DIR"))
     p.set_defaults(func=figure_curves)
@@ -501,8 +513,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.set_defaults(func=figure_schedule)
     for p in sub.choices.values():
         p.add_argument("--out", required=True, help="PNG path")
-        p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parse_tool_args(parser, argv)
+    if args.command == "consistency":
+        names = args.names or [Path(c).stem for c in args.config_file]
+        if not len(args.config_file) == len(args.weights) == len(names):
+            parser.error("consistency: give as many --weights (and --names) as --config-file")
+        args.model = list(zip(names, args.config_file, args.weights))
+    register_coco_datasets(getattr(args, "register_coco", None))
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:

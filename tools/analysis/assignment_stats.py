@@ -4,15 +4,16 @@
 (``musu_shadow/*``, the FCOS rule unless ``MODEL.MUSU.SHADOW_ASSIGNER`` says otherwise).
 
     # at initialization (no weights): where the paper's 2s x 2s prior puts the candidate bags
-    python tools/assignment_stats.py configs/BCCD/musu_R_18_FPN_bccd.yaml --images 32
+    python tools/analysis/assignment_stats.py \\
+        --config-file configs/BCCD/musu_R_18_FPN_bccd.yaml --images 32
     # a trained model, or another prior
-    python tools/assignment_stats.py CFG --weights model_final.pth
-    python tools/assignment_stats.py CFG --opts MODEL.MUSU.INITIAL_BOX_SIZE 4.0
+    python tools/analysis/assignment_stats.py --config-file CFG --weights model_final.pth
+    python tools/analysis/assignment_stats.py --config-file CFG MODEL.MUSU.INITIAL_BOX_SIZE 4.0
 
 The first ``--images`` training images (dataset order, the training mapper's resize, no flip)
 go through the model's training forward in batches of ``SOLVER.IMS_PER_BATCH``, without a
 backward pass; each value is the mean over batches. Over training, the same scalars are in the
-run's ``metrics.json`` (``tools/visualize.py assignment-stats`` plots them).
+run's ``metrics.json`` (``tools/analysis/visualize.py assignment-stats`` plots them).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from detectron2.data import transforms as T
 from detectron2.utils.events import EventStorage
 
 from musu import build_config
+from musu.cli import parse_tool_args, positive_int, tool_argument_parser
+from musu.data import register_coco_datasets
 from musu.model_zoo import load_model
 from musu.modeling import MuSu
 
@@ -68,22 +71,31 @@ def table(stats: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("config")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (:mod:`musu.cli`'s convention)."""
+    parser = tool_argument_parser(__doc__)
     parser.add_argument("--weights", default=None, help="checkpoint; default: initialization")
-    parser.add_argument("--images", type=int, default=32, help="training images to run")
-    parser.add_argument("--shadow", default="build_fcos_assigner",
-                        help="MODEL.MUSU.SHADOW_ASSIGNER unless the config sets one")  # fmt: skip
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE")
-    args = parser.parse_args(argv)
-    cfg = build_config(args.config, ["MODEL.DEVICE", "cpu", *args.opts], freeze=False)
+    parser.add_argument(
+        "--images", type=positive_int, default=32, help="training images to run (default 32)"
+    )
+    parser.add_argument(
+        "--shadow",
+        default="build_fcos_assigner",
+        help="MODEL.MUSU.SHADOW_ASSIGNER unless the config sets one",
+    )
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
+    args = parse_tool_args(build_parser(), argv)
+    register_coco_datasets(args.register_coco)
+    cfg = build_config(args.config_file, ["MODEL.DEVICE", "cpu", *args.opts], freeze=False)
     if not cfg.MODEL.MUSU.SHADOW_ASSIGNER:
         cfg.MODEL.MUSU.SHADOW_ASSIGNER = args.shadow
     cfg.freeze()
     torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
     stats = collect(cfg, args.weights, args.images)
-    print(f"{args.config} {' '.join(args.opts)} weights={args.weights or 'initialization'}")
+    print(f"{args.config_file} {' '.join(args.opts)} weights={args.weights or 'initialization'}")
     print(f"assigner {cfg.MODEL.MUSU.ASSIGNER}; shadow {cfg.MODEL.MUSU.SHADOW_ASSIGNER}")
     print(table(stats))
     return stats

@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """AP and score/IoU consistency of each anchor slot of a trained MuSu model, alone and together.
 
-    python tools/slot_consistency.py RUN/config.yaml RUN/model_final.pth --dataset bccd_val
+    python tools/analysis/slot_consistency.py --config-file RUN/config.yaml \\
+        --weights RUN/model_final.pth --dataset bccd_val
 
 With ``MODEL.MUSU.NUM_ANCHORS`` A > 1 every location predicts A boxes. This runs the model on
 ``--dataset`` A + 1 times: with all slots, then with only slot a (a = 0..A-1): the other slots'
 objectness logits are set to -inf by a forward hook on ``model.head``, so their scores are 0 and
 inference drops them (the per-level top-k then fills from the kept slot). Each pass is
-``tools/compare.py``'s evaluation: COCO AP with the config's inference settings, and on the
-pre-NMS candidates (``musu.evaluation.PRE_NMS_OPTS``) the consistency of
-``musu.evaluation.consistency``.
+:func:`musu.evaluation.evaluate_checkpoint` (``tools/compare.py``'s evaluation): COCO AP with
+the config's inference settings, and on the pre-NMS candidates (``musu.evaluation.PRE_NMS_OPTS``)
+the consistency of ``musu.evaluation.consistency``.
 When every slot alone ranks its own candidates better than all slots together, the slots'
 scores are not comparable with each other (one slot outscores another that localizes better).
 Prints one Markdown table; ``--output FILE`` also writes it.
@@ -29,10 +30,10 @@ from detectron2.utils.logger import setup_logger
 from torch import nn
 
 import musu
-from musu.data import add_register_coco_argument, register_coco_datasets
+from musu.cli import parse_tool_args, tool_argument_parser
+from musu.data import register_coco_datasets
+from musu.evaluation import evaluate_checkpoint
 from musu.modeling import MuSu
-
-import compare  # tools/compare.py: the evaluation passes this tool repeats per slot
 
 COLUMNS = [  # (result key, header, format)
     ("AP", "AP", "{:.1f}"),
@@ -79,7 +80,7 @@ def only_slots(model: MuSu, slots: Optional[Sequence[int]]) -> Iterator[None]:
 def measure(
     config_file: str, weights: str, dataset: str, opts: Sequence[str] = ()
 ) -> Dict[str, Dict[str, float]]:
-    """``{"all slots" | "slot a": tools/compare.py's evaluation row (AP..., spearman, top1,
+    """``{"all slots" | "slot a": musu.evaluation.evaluate_checkpoint's row (AP..., spearman, top1,
     top1_iou, best_iou, mean_overlap, ...)}`` for ``weights`` on ``dataset``."""
     opts = list(opts) + ["DATASETS.TEST", f"('{dataset}',)"]
     cfg = musu.build_config(config_file, opts)
@@ -89,7 +90,7 @@ def measure(
     with tempfile.TemporaryDirectory() as scratch:  # COCOEvaluator's results files
         for slots in selections:
             name = "all slots" if slots is None else f"slot {slots[0]}"
-            rows[name] = compare.evaluate(
+            rows[name] = evaluate_checkpoint(
                 config_file,
                 weights,
                 opts,
@@ -109,19 +110,19 @@ def markdown(rows: Dict[str, Dict[str, float]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("config_file", help="the run's config (e.g. RUN/config.yaml)")
-    parser.add_argument("weights", help="its checkpoint (e.g. RUN/model_final.pth)")
-    parser.add_argument("--dataset", required=True, help="registered or built-in test set")
-    add_register_coco_argument(parser, help="register a COCO-format dataset (repeatable)")
-    parser.add_argument("--output", metavar="FILE", help="also write the table here")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (:mod:`musu.cli`'s convention)."""
+    parser = tool_argument_parser(__doc__)
     parser.add_argument(
-        "--opts", default=[], nargs=argparse.REMAINDER, help="config KEY VALUE pairs"
+        "--weights", required=True, metavar="FILE", help="the checkpoint (RUN/model_final.pth)"
     )
-    args = parser.parse_args(argv)
+    parser.add_argument("--dataset", required=True, help="registered or built-in test set")
+    parser.add_argument("--output", metavar="FILE", help="also write the table here")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
+    args = parse_tool_args(build_parser(), argv)
     setup_logger(name="detectron2")
     register_coco_datasets(args.register_coco)
     rows = measure(args.config_file, args.weights, args.dataset, args.opts)

@@ -1,0 +1,100 @@
+"""One call that evaluates a checkpoint the way ``tools/compare.py`` tabulates it: COCO AP,
+inference time per image and score/IoU consistency before and after NMS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Callable, ContextManager, Dict, Optional, Sequence
+
+from detectron2.data import build_detection_test_loader
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, inference_on_dataset
+from torch import nn
+
+from ..config import build_config
+from ..engine.amp import autocast_context, resolve_autocast
+from ..model_zoo import load_model
+from .consistency import PRE_NMS_OPTS, ConsistencyEvaluator
+
+__all__ = ["evaluate_checkpoint"]
+
+
+class _TimedModel(nn.Module):
+    """Wraps a model; accumulates forward wall time after ``warmup`` calls (batch-1 loader)."""
+
+    def __init__(self, model: nn.Module, warmup: int) -> None:
+        super().__init__()
+        self.model, self.warmup = model, warmup
+        self.calls, self.images, self.seconds = 0, 0, 0.0
+
+    def forward(self, inputs):  # noqa: D401 - same contract as the wrapped model
+        start = time.perf_counter()
+        outputs = self.model(inputs)
+        elapsed = time.perf_counter() - start
+        self.calls += 1
+        if self.calls > self.warmup:
+            self.images += len(inputs)
+            self.seconds += elapsed
+        return outputs
+
+
+def evaluate_checkpoint(
+    config_file: str,
+    checkpoint: str,
+    opts: Sequence[str],
+    output_dir: Path,
+    warmup: int = 5,
+    max_images: int = 0,
+    model_context: Optional[Callable[[nn.Module], ContextManager]] = None,
+) -> Dict[str, float]:
+    """Evaluate ``checkpoint`` with ``config_file`` and ``opts`` on ``DATASETS.TEST[0]``, in
+    this process, in two passes: the config's own inference settings (``COCOEvaluator``'s
+    ``bbox`` metrics, ``infer_s_per_image``: forward wall time per image after ``warmup``
+    images, and ``post_nms_*`` consistency), then NMS disabled (:data:`PRE_NMS_OPTS`: the
+    pre-NMS consistency of :class:`ConsistencyEvaluator`). ``TEST.AMP`` applies as in training.
+    ``max_images > 0`` evaluates only the first images. ``model_context(model)``, when given, is
+    entered around each pass with that pass's model. Returns one flat row (``dataset`` names
+    the data)."""
+    context = model_context or (lambda model: contextlib.nullcontext())
+    cfg = build_config(config_file, opts)
+    dataset = cfg.DATASETS.TEST[0]
+    loader = build_detection_test_loader(cfg, dataset)
+    if max_images > 0:
+        loader = _Limited(loader, max_images)
+    model = load_model(cfg, checkpoint)
+    timed = _TimedModel(model, warmup)
+    coco = COCOEvaluator(dataset, output_dir=str(output_dir / "inference"))
+    post_nms = ConsistencyEvaluator(dataset)
+    precision = resolve_autocast(cfg, training=False)  # TEST.AMP, as train_net.py evaluates
+    with autocast_context(precision), context(model):
+        results = inference_on_dataset(timed, loader, DatasetEvaluators([coco, post_nms]))
+    row: Dict[str, float] = dict(results.get("bbox", {}))
+    row["infer_s_per_image"] = timed.seconds / timed.images if timed.images else float("nan")
+    row.update({f"post_nms_{k}": v for k, v in results["consistency"].items()})
+
+    pre_cfg = build_config(config_file, list(opts) + PRE_NMS_OPTS)
+    pre_model = load_model(pre_cfg, checkpoint)
+    pre_loader = build_detection_test_loader(pre_cfg, dataset)
+    if max_images > 0:
+        pre_loader = _Limited(pre_loader, max_images)
+    with autocast_context(precision), context(pre_model):
+        pre = inference_on_dataset(pre_model, pre_loader, ConsistencyEvaluator(dataset))
+    row.update(pre["consistency"])
+    row["dataset"] = dataset
+    return row
+
+
+class _Limited:
+    def __init__(self, loader, count: int) -> None:
+        self.loader, self.count = loader, count
+
+    def __len__(self) -> int:
+        return min(self.count, len(self.loader))
+
+    def __iter__(self):
+        for index, batch in enumerate(self.loader):
+            if index >= self.count:
+                return
+            yield batch
