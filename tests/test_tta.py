@@ -17,7 +17,11 @@ from detectron2.structures import Instances
 from torch import nn
 
 import musu
+from musu.cli import parse_tool_args
+from musu.data import register_synthetic_split
 from musu.modeling import DenseDetectorWithTTA
+
+import train_net  # the root script (conftest.py puts the root on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 64, 80
@@ -144,3 +148,36 @@ def test_a_model_that_is_not_a_dense_detector_is_refused() -> None:
     cfg = _cfg("musu", [HEIGHT], flip=False)
     with pytest.raises(TypeError, match="DenseDetector.*GeneralizedRCNNWithTTA"):
         DenseDetectorWithTTA(cfg, nn.Linear(2, 2))
+
+
+@pytest.fixture(scope="module")
+def tiny_val(tmp_path_factory: pytest.TempPathFactory) -> str:
+    name = "tta_tiny_val"
+    register_synthetic_split(
+        name, tmp_path_factory.mktemp("tta_data"), "val", num_images=3, seed=5, image_size=96
+    )
+    return name
+
+
+@pytest.mark.parametrize("name", ["musu_two_slots", "fcos", "mg_retinanet"])
+def test_eval_only_with_test_aug_enabled_reports_plain_and_tta_results(
+    name: str, tiny_val: str, tmp_path: Path
+) -> None:
+    config, overrides = MODELS[name]
+    torch.manual_seed(0)
+    weights = tmp_path / "weights.pth"
+    model = build_model(musu.build_config(REPO / config, ["MODEL.DEVICE", "cpu", *overrides]))
+    torch.save({"model": model.state_dict()}, weights)
+    argv = [
+        "--config-file", str(REPO / config), "--eval-only",
+        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(tmp_path / "out"),
+        "DATASETS.TEST", f"('{tiny_val}',)", "DATALOADER.NUM_WORKERS", "0",
+        "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
+        "TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(64, 96)", "TEST.AUG.MAX_SIZE", "160",
+        "TEST.AUG.FLIP", "True", *overrides,
+    ]  # fmt: skip
+    results = train_net.main(parse_tool_args(train_net.build_parser(), argv))
+    assert set(results) == {"bbox", "bbox_TTA"}
+    for key in ("bbox", "bbox_TTA"):
+        assert {"AP", "AP50", "AP75"} <= set(results[key])
+    assert (tmp_path / "out" / "inference_TTA" / tiny_val / "coco_instances_results.json").is_file()
