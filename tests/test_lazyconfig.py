@@ -4,6 +4,7 @@ equal losses on one batch, the same optimizer, schedule and data; every Python c
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 from typing import Dict, List
 
@@ -17,6 +18,8 @@ from detectron2.solver import LRMultiplier, build_lr_scheduler, build_optimizer
 from detectron2.utils.events import EventStorage
 
 import musu
+from musu.cli import parse_tool_args
+from musu.data.synthetic import ensure_split
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -149,3 +152,59 @@ def test_same_optimizer_schedule_and_data(lazy_name: str, yaml_name: str) -> Non
     assert test_resize.max_size == yacs.INPUT.MAX_SIZE_TEST
     assert lazy.train.init_checkpoint == yacs.MODEL.WEIGHTS
     assert lazy.train.seed == yacs.SEED
+
+
+def _lazy_tool():
+    path = REPO / "tools" / "lazyconfig_train_net.py"
+    spec = importlib.util.spec_from_file_location("lazyconfig_train_net", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_entry_point_takes_lazyconfig_overrides() -> None:
+    tool = _lazy_tool()
+    for spelling in (["a=1", "b.c=[2]"], ["--opts", "a=1", "b.c=[2]"]):
+        argv = ["--config-file", "c.py", "--resume", *spelling]
+        args = parse_tool_args(tool.build_parser(), argv, lazy_config=True)
+        assert args.opts == ["a=1", "b.c=[2]"] and args.resume
+    with pytest.raises(SystemExit):  # yacs-style pairs are not LazyConfig overrides
+        argv = ["--config-file", "c.py", "train.max_iter", "3"]
+        parse_tool_args(tool.build_parser(), argv, lazy_config=True)
+
+
+def test_the_entry_point_trains_resumes_and_evaluates(tmp_path: Path) -> None:
+    tool = _lazy_tool()
+    splits = {
+        split: ensure_split(split, tmp_path / "data", num_images=4, seed=3, image_size=64)
+        for split in ("train", "val")
+    }
+    register = []
+    for split, paths in splits.items():
+        register += ["--register-coco", f"lazy_tiny_{split}", paths.json_file, paths.image_root]
+    output = tmp_path / "run"
+    overrides = [
+        "dataloader.train.dataset.names=['lazy_tiny_train']",
+        "dataloader.test.dataset.names=['lazy_tiny_val']",
+        "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0", f"train.output_dir='{output}'", "train.device='cpu'",
+        "train.checkpointer.period=1", "train.log_period=1",
+    ]  # fmt: skip
+    config = ["--config-file", str(CONFIGS / "Synthetic" / "musu_R_18_FPN_1200it.py"), *register]
+
+    def run(*argv: str):  # options first: the overrides take every word after them
+        argv = [*config, *argv]
+        return tool.main(parse_tool_args(tool.build_parser(), argv, lazy_config=True))
+
+    results = run(*overrides, "train.max_iter=2")
+    assert {"AP", "AP50"} <= set(results["bbox"])
+    assert (output / "last_checkpoint").read_text() == "model_final.pth"
+    first = torch.load(output / "model_final.pth", weights_only=True)
+    assert first["iteration"] == 1
+    run("--resume", *overrides, "train.max_iter=3")  # one more iteration from model_final.pth
+    resumed = torch.load(output / "model_final.pth", weights_only=True)
+    assert resumed["iteration"] == 2
+    assert any(not torch.equal(resumed["model"][k], first["model"][k]) for k in first["model"])
+    weights = f"train.init_checkpoint='{output / 'model_final.pth'}'"
+    evaluated = run("--eval-only", *overrides, weights)
+    assert evaluated["bbox"].keys() == results["bbox"].keys()
