@@ -38,6 +38,7 @@ def _check_requirements() -> list[str]:
         ("matplotlib", "matplotlib"),
         ("onnx", "onnx (the export extra: pip install -e .[export])"),
         ("onnxruntime", "onnxruntime (the export extra: pip install -e .[export])"),
+        ("timm", "timm (the vit extra, for Detectron2's ViT: pip install -e .[vit])"),
         ("musu", "musu (pip install -e .)"),
     ]:
         try:

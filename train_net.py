@@ -68,7 +68,10 @@ def main(args: argparse.Namespace):
                 f"--resume with a last_checkpoint in OUTPUT_DIR ({cfg.OUTPUT_DIR})"
             )
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        return Trainer.test(cfg, model)
+        results = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            results.update(Trainer.test_with_TTA(cfg, model))
+        return results
     trainer = Trainer(cfg, resume_hint=getattr(args, "resume_command", ""))
     trainer.resume_or_load(resume=args.resume)
     with exit_when_preempted():

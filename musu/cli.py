@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 from .data.cli import add_register_coco_argument
 
 __all__ = [
+    "add_opts_alias",
     "add_opts_argument",
     "add_tool_arguments",
     "non_negative_int",
@@ -50,10 +51,12 @@ def add_opts_argument(parser: argparse.ArgumentParser) -> None:
         metavar="KEY VALUE",
         help="config overrides after all options, e.g. MODEL.WEIGHTS model.pth SOLVER.BASE_LR 0.01",
     )
-    _add_opts_alias(parser)
+    add_opts_alias(parser)
 
 
-def _add_opts_alias(parser: argparse.ArgumentParser) -> None:
+def add_opts_alias(parser: argparse.ArgumentParser) -> None:
+    """Add ``--opts``, the alias of a parser's trailing ``opts`` (:func:`parse_tool_args` merges
+    the two)."""
     parser.add_argument(
         "--opts",
         dest=_OPTS_ALIAS_DEST,
@@ -134,14 +137,21 @@ def train_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentPars
         help="decode every image of DATASETS.TRAIN and DATASETS.TEST first and list all that "
         "cannot be read (costs one full decode of each dataset)",
     )
-    _add_opts_alias(parser)
+    add_opts_alias(parser)
     return parser
 
 
 def parse_tool_args(
-    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
+    parser: argparse.ArgumentParser,
+    argv: Optional[Sequence[str]] = None,
+    *,
+    lazy_config: bool = False,
 ) -> argparse.Namespace:
     """Parse ``argv``; ``args.opts`` holds the overrides from either spelling, in order.
+
+    With ``lazy_config`` the overrides are LazyConfig's ``key=value`` words
+    (``train.max_iter=100``), as Detectron2's ``lazyconfig_train_net.py`` takes them, each checked
+    to hold a ``=``.
 
     With several config files (``several_configs``), the first word that is a config key
     (``SOLVER.MAX_ITER``) and all after it are overrides: ``--config-file A.yaml B.yaml KEY
@@ -165,7 +175,11 @@ def parse_tool_args(
         delattr(args, _OPTS_ALIAS_DEST)
     if opts and opts[0] == "--":
         opts = opts[1:]
-    if len(opts) % 2:
+    if lazy_config:
+        malformed = [word for word in opts if "=" not in word]
+        if malformed:
+            parser.error(f"LazyConfig overrides are key=value words; got {' '.join(malformed)}")
+    elif len(opts) % 2:
         parser.error(
             f"config overrides must be KEY VALUE pairs; got an odd number ({len(opts)}): "
             f"{' '.join(opts)}"

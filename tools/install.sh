@@ -85,7 +85,7 @@ fi
 musu_ok() {  # run from / so that the checkout's own folder does not shadow the installed package
   (cd / && "$PYTHON" - "$ROOT" <<'PY' >/dev/null 2>&1
 import os, sys
-import musu, pytest, hypothesis, pycocotools, cv2, fvcore, iopath, matplotlib, onnx, onnxruntime  # noqa: F401
+import musu, pytest, hypothesis, pycocotools, cv2, fvcore, iopath, matplotlib, onnx, onnxruntime, timm  # noqa: F401
 assert os.path.samefile(os.path.dirname(musu.__file__), os.path.join(sys.argv[1], "musu"))
 PY
   )

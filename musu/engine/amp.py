@@ -37,6 +37,8 @@ __all__ = [
     "Autocast",
     "CPUAutocastTrainer",
     "build_train_loop",
+    "choose_autocast",
+    "train_loop",
     "cpu_has_native_bf16",
     "resolve_autocast",
     "autocast_context",
@@ -92,19 +94,50 @@ def resolve_autocast(cfg: CfgNode, *, training: bool) -> Autocast:
     device_type = torch.device(cfg.MODEL.DEVICE).type
     key = "SOLVER.AMP.ENABLED" if training else "TEST.AMP.ENABLED"
     enabled = cfg.SOLVER.AMP.ENABLED if training else cfg.TEST.AMP.ENABLED
+    if enabled and device_type == "cuda":
+        check_choice(cfg.SOLVER.AMP, "SOLVER.AMP", "PRECISION", AMP_PRECISIONS)
+    if enabled and device_type == "cpu":
+        check_choice(cfg.SOLVER.AMP, "SOLVER.AMP", "CPU_BFLOAT16", CPU_BFLOAT16_MODES)
+    return choose_autocast(
+        device_type,
+        enabled,
+        key=key,
+        precision=cfg.SOLVER.AMP.PRECISION,
+        cpu_bfloat16=cfg.SOLVER.AMP.CPU_BFLOAT16,
+    )
+
+
+def choose_autocast(
+    device_type: str,
+    enabled: bool,
+    *,
+    key: str,
+    precision: str = "float16",
+    cpu_bfloat16: str = "native",
+) -> Autocast:
+    """The rule of the module docstring for a device type (``"cuda"``, ``"cpu"``, ...), without a
+    YAML config: ``precision`` is the CUDA dtype, ``cpu_bfloat16`` ``"native"`` or ``"always"``;
+    ``key`` names the switch in the reason and in errors (e.g. ``train.amp.enabled``)."""
     if not enabled:
         return Autocast(device_type, None, f"{key} is False")
     if device_type == "cuda":
-        check_choice(cfg.SOLVER.AMP, "SOLVER.AMP", "PRECISION", AMP_PRECISIONS)
-        return Autocast(device_type, getattr(torch, cfg.SOLVER.AMP.PRECISION), f"{key} on CUDA")
+        if precision not in AMP_PRECISIONS:
+            raise ValueError(
+                f"{key}: the precision must be one of {AMP_PRECISIONS}, got {precision!r}"
+            )
+        return Autocast(device_type, getattr(torch, precision), f"{key} on CUDA")
     if device_type != "cpu":
         return Autocast(device_type, None, f"no mixed precision on device {device_type!r}")
-    check_choice(cfg.SOLVER.AMP, "SOLVER.AMP", "CPU_BFLOAT16", CPU_BFLOAT16_MODES)
+    if cpu_bfloat16 not in CPU_BFLOAT16_MODES:
+        raise ValueError(
+            f"{key}: the CPU bfloat16 mode must be one of {CPU_BFLOAT16_MODES}, "
+            f"got {cpu_bfloat16!r}"
+        )
     if cpu_has_native_bf16():
         return Autocast("cpu", torch.bfloat16, f"{key}; the CPU has native bfloat16")
-    if cfg.SOLVER.AMP.CPU_BFLOAT16 == "always":
+    if cpu_bfloat16 == "always":
         return Autocast(
-            "cpu", torch.bfloat16, f"{key} and SOLVER.AMP.CPU_BFLOAT16 'always' (emulated bfloat16)"
+            "cpu", torch.bfloat16, f"{key} and CPU bfloat16 'always' (emulated bfloat16)"
         )
     return Autocast(
         "cpu",
@@ -161,10 +194,15 @@ class CPUAutocastTrainer(SimpleTrainer):
 
 
 def build_train_loop(cfg: CfgNode, model: nn.Module, data_loader, optimizer) -> SimpleTrainer:
-    """The training loop for ``cfg``'s precision: ``SimpleTrainer`` (float32), Detectron2's
+    """The training loop for ``cfg``'s precision: :func:`train_loop` of
+    :func:`resolve_autocast`."""
+    return train_loop(resolve_autocast(cfg, training=True), model, data_loader, optimizer)
+
+
+def train_loop(setting: Autocast, model: nn.Module, data_loader, optimizer) -> SimpleTrainer:
+    """The training loop for ``setting``: ``SimpleTrainer`` (float32), Detectron2's
     ``AMPTrainer`` (CUDA, with a gradient scaler for float16) or :class:`CPUAutocastTrainer`.
     Logs the precision chosen and why."""
-    setting = resolve_autocast(cfg, training=True)
     logger.info("Training precision: %s (%s).", setting.dtype or torch.float32, setting.reason)
     if not setting.enabled:
         return SimpleTrainer(model, data_loader, optimizer)

@@ -31,6 +31,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import log_every_n_seconds
 
 from ..data import NamingMapper, UnreadableImageError, check_image_files, find_unreadable_images
+from ..modeling import DenseDetectorWithTTA
 from .amp import apply_memory_format, autocast_context, build_train_loop, resolve_autocast
 from .best_checkpoint import BestCheckpointer
 from .checkpoint import AtomicCheckpointer
@@ -69,6 +70,8 @@ class Trainer(DefaultTrainer):
     * several processes on CPU as on CUDA (:func:`musu.engine.create_ddp_model`);
     * a checkpoint and a clean stop on SIGTERM / SIGINT (:class:`musu.engine.PreemptionHook`,
       raising :class:`musu.engine.Preempted`);
+    * evaluation with test-time augmentation where ``TEST.AUG.ENABLED`` (:meth:`test_with_TTA`,
+      after training and with ``--eval-only``);
     * data checked before the first step: class indices against ``MODEL.MUSU.NUM_CLASSES`` and
       every image file present; an image that fails to load names its file and dataset.
     """
@@ -120,6 +123,8 @@ class Trainer(DefaultTrainer):
             position = next(i for i, h in enumerate(hooks) if isinstance(h, d2_hooks.EvalHook))
             best = BestCheckpointer(self.cfg.TEST.EVAL_PERIOD, self.checkpointer)
             hooks.insert(position + 1, best)
+        if self.cfg.TEST.AUG.ENABLED:  # after training, also under test-time augmentation
+            hooks.append(d2_hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model)))
         hooks.append(PreemptionHook(self.checkpointer, resume_hint=self.resume_hint))
         return hooks
 
@@ -137,6 +142,24 @@ class Trainer(DefaultTrainer):
         )
         with autocast_context(setting):
             return super().test(cfg, model, evaluators)
+
+    @classmethod
+    def test_with_TTA(cls, cfg: CfgNode, model: torch.nn.Module) -> OrderedDict:  # noqa: N802
+        """:meth:`test` with test-time augmentation (``TEST.AUG``:
+        :class:`musu.modeling.DenseDetectorWithTTA`); the results' keys end in ``_TTA`` and the
+        evaluators write to ``OUTPUT_DIR/inference_TTA/<dataset>``."""
+        logger.info(
+            "Evaluation with test-time augmentation: scales %s (longest side at most %d)%s.",
+            tuple(cfg.TEST.AUG.MIN_SIZES),
+            cfg.TEST.AUG.MAX_SIZE,
+            ", each also flipped" if cfg.TEST.AUG.FLIP else "",
+        )
+        evaluators = [
+            cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+            for name in cfg.DATASETS.TEST
+        ]
+        results = cls.test(cfg, DenseDetectorWithTTA(cfg, model), evaluators)
+        return OrderedDict((f"{key}_TTA", value) for key, value in results.items())
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):

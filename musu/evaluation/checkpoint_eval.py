@@ -16,6 +16,7 @@ from torch import nn
 from ..config import build_config
 from ..engine.amp import autocast_context, resolve_autocast
 from ..model_zoo import load_model
+from ..modeling import DenseDetectorWithTTA
 from .consistency import PRE_NMS_OPTS, ConsistencyEvaluator
 
 __all__ = ["evaluate_checkpoint"]
@@ -56,7 +57,9 @@ def evaluate_checkpoint(
     pre-NMS consistency of :class:`ConsistencyEvaluator`). ``TEST.AMP`` applies as in training.
     ``max_images > 0`` evaluates only the first images. ``model_context(model)``, when given, is
     entered around each pass with that pass's model. Returns one flat row (``dataset`` names
-    the data)."""
+    the data). With ``TEST.AUG.ENABLED`` the first pass runs under test-time augmentation
+    (:class:`musu.modeling.DenseDetectorWithTTA`: AP and time per image with it); the pre-NMS
+    pass ranks the plain model's candidates."""
     context = model_context or (lambda model: contextlib.nullcontext())
     cfg = build_config(config_file, opts)
     dataset = cfg.DATASETS.TEST[0]
@@ -64,7 +67,7 @@ def evaluate_checkpoint(
     if max_images > 0:
         loader = _Limited(loader, max_images)
     model = load_model(cfg, checkpoint)
-    timed = _TimedModel(model, warmup)
+    timed = _TimedModel(DenseDetectorWithTTA(cfg, model) if cfg.TEST.AUG.ENABLED else model, warmup)
     coco = COCOEvaluator(dataset, output_dir=str(output_dir / "inference"))
     post_nms = ConsistencyEvaluator(dataset)
     precision = resolve_autocast(cfg, training=False)  # TEST.AMP, as train_net.py evaluates

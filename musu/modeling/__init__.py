@@ -17,6 +17,7 @@ from .fcos_adaptor import D2FCOS  # registers META_ARCH "D2FCOS" (Detectron2's o
 from .head import MuSuHead
 from .losses import focal_loss_terms, merged_logits, musu_classification_loss, weighted_giou_loss
 from .meta_arch import MuSu
+from .test_time_augmentation import DenseDetectorWithTTA
 
 __all__ = [
     "AnchorGrid",
@@ -37,4 +38,5 @@ __all__ = [
     "musu_classification_loss",
     "weighted_giou_loss",
     "MuSu",
+    "DenseDetectorWithTTA",
 ]
