@@ -27,16 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 64, 80
 MODELS = {  # name: (config file, overrides that keep every candidate above a zero threshold)
     "musu": (
-        "configs/Synthetic/musu_R_18_FPN_synthetic.yaml",
+        "configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml",
         ["MODEL.MUSU.SCORE_THRESH_TEST", "0.0"],
     ),
-    "musu_two_slots": (
-        "configs/Synthetic/musu_R_18_FPN_synthetic.yaml",
-        ["MODEL.MUSU.SCORE_THRESH_TEST", "0.0", "MODEL.MUSU.NUM_ANCHORS", "2",
-         "MODEL.MUSU.ANCHOR_SIZES", "[4.0, 8.0]"],
+    "musu_two_slots": (  # the recommended config: anchor slots of 4 and 8 strides
+        "configs/Synthetic/musu_R_18_FPN_1200it.yaml",
+        ["MODEL.MUSU.SCORE_THRESH_TEST", "0.0"],
     ),
     "fcos": (
-        "configs/Synthetic/fcos_R_18_FPN_synthetic.yaml",
+        "configs/Synthetic/fcos_R_18_FPN_1200it.yaml",
         ["MODEL.MUSU.SCORE_THRESH_TEST", "0.0"],
     ),
     "mg_retinanet": (
