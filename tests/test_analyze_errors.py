@@ -1,5 +1,6 @@
 """musu.evaluation.errors on hand-made detections with known answers, and tools/analyze_errors.py
-on results files and by running the Quick start and a Mutual Guidance model (random init)."""
+on results files and by running the synthetic paper-settings config and a Mutual Guidance model
+(random init)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""tools/browse_data.py on the Quick start config and a Mutual Guidance config: pictures of the
-stored annotations and of the training loader's output after augmentation."""
+"""tools/browse_data.py on the synthetic paper-settings config and a Mutual Guidance config:
+pictures of the stored annotations and of the training loader's output after augmentation."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""tools/demo.py on the Quick start config and a Mutual Guidance config (random-init weights):
-images and folders, a short video made here with OpenCV, --webcam, --register-coco, --json-out."""
+"""tools/demo.py on the synthetic paper-settings config and a Mutual Guidance config (random-init
+weights): images and folders, a short video made here with OpenCV, --webcam, --register-coco,
+--json-out."""
 
 from __future__ import annotations
 
