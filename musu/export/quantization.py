@@ -290,9 +290,15 @@ def quantize_onnx(
     quantized = onnx.load(str(output_path))
     _float_inputs(quantized, kept)
     del quantized.metadata_props[:]
+    modules = node_modules(quantized)
+    float_names = [
+        layer
+        for layer in dict.fromkeys([*float_layers, *ALWAYS_FLOAT_LAYERS])
+        if any(_in_layer(modules.get(name, ""), [layer]) for name in kept)
+    ]
     metadata[QUANTIZATION_KEY] = (
         f"int8 QDQ, per-channel weights, {method} calibration on {len(images)} images; "
-        f"{len(to_quantize)} nodes quantized; float layers: {', '.join(float_layers) or 'none'}"
+        f"{len(to_quantize)} nodes quantized; float layers: {', '.join(float_names) or 'none'}"
     )
     for key, value in metadata.items():
         quantized.metadata_props.add(key=key, value=value)
