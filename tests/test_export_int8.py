@@ -105,6 +105,10 @@ def test_quantized_model_runs_through_exported_model_with_detections_of_the_righ
     assert ops.count("QuantizeLinear") > 20 and ops.count("DequantizeLinear") > 20
     stored = {p.key: p.value for p in model.metadata_props}
     assert stored["INPUT.MIN_SIZE_TEST"] == str(SIZE) and "int8 QDQ" in stored[QUANTIZATION_KEY]
+    # the default float layers: the head's output convolutions (and the objectness, always)
+    assert (
+        "float layers: head.cls_score, head.bbox_pred, head.objectness" in stored[QUANTIZATION_KEY]
+    )
 
     runner = ExportedModel(path, cfg, num_threads=1)
     assert runner.backend == "onnxruntime"
@@ -127,8 +131,8 @@ def test_quantized_model_runs_through_exported_model_with_detections_of_the_righ
 
 @pytest.mark.slow
 def test_float_layers_and_everything_after_the_head_have_no_qdq(exported, tmp_path: Path) -> None:
-    default = onnx.load(
-        str(quantize_onnx(exported["path"], tmp_path / "a.onnx", exported["images"]))
+    default = onnx.load(  # every layer that can be quantized is
+        str(quantize_onnx(exported["path"], tmp_path / "a.onnx", exported["images"], []))
     )
     kept = onnx.load(
         str(
@@ -141,7 +145,7 @@ def test_float_layers_and_everything_after_the_head_have_no_qdq(exported, tmp_pa
         )
     )
     for layer in ("head.cls_score", "backbone.bottom_up.stem.conv1"):
-        # quantized by default: a DequantizeLinear feeds each of its convolutions ...
+        # quantized unless named: a DequantizeLinear feeds each of its convolutions ...
         assert _layer_nodes(default, layer), layer
         for name in _layer_nodes(default, layer):
             assert "DequantizeLinear" in _neighbours(default)[name], (layer, name)

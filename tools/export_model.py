@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how activation ranges are read off the calibration images (default minmax)",
     )
     quantization.add_argument(
+        "--reduce-range",
+        action="store_true",
+        help="7-bit weights: on CPUs without VNNI (AVX2, AVX512F) ONNX Runtime's 8-bit "
+        "multiply-add can saturate 16-bit sums; this avoids it (docs/DEPLOY.md)",
+    )
+    quantization.add_argument(
         "--float-layers",
         type=parse_layer_list,
         default=list(DEFAULT_FLOAT_LAYERS),
@@ -178,6 +184,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, dict]]:
                     images,
                     float_layers=args.float_layers,
                     method=args.calibration_method,
+                    reduce_range=args.reduce_range,
                 )
             )
         except KeyError as error:
