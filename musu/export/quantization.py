@@ -56,7 +56,7 @@ QUANTIZED_MODULES = ("backbone", "head")
 QUANTIZED_OPS = {"backbone": ("Conv", "Relu", "Add", "MaxPool", "Resize"), "head": ("Conv",)}
 """Op types quantized inside each of :data:`QUANTIZED_MODULES`. In the head only the
 convolutions: its GroupNorm and the ReLU after it stay float (a quantized ReLU there would only
-move the rounding of the next convolution's input earlier)."""
+round the next convolution's input one op before that convolution does)."""
 
 DEFAULT_FLOAT_LAYERS: Tuple[str, ...] = ("head.cls_score",)
 """Layers kept in float32 by default, besides :data:`ALWAYS_FLOAT_LAYERS`: the classification
