@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from musu.engine.amp import cpu_has_native_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "tools" / "benchmarks"
 SYNTHETIC = "configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml"
@@ -44,13 +46,14 @@ def test_assigner_benchmark_rows_cover_every_size_object_count_and_anchor_number
         assert row["R"] == row["A"] * locations[row["image"]]
         assert row["musu_ms"] > 0 and row["fcos_ms"] > 0 and row["fcos_peak_mib"] > 0
     assert "Command: `" in stdout and "| image | A | M | R |" in stdout
+    assert_environment_line(stdout)
 
 
 def test_flops_benchmark_increment_per_anchor_is_one_output_conv(tmp_path):
     out = tmp_path / "flops.json"
     run(
         "flops.py",
-        *("--config", SYNTHETIC, "--num-anchors", "1", "2", "--height", "64", "--width", "64"),
+        *("--config-file", SYNTHETIC, "--num-anchors", "1", "2", "--height", "64", "--width", "64"),
         *("--json", str(out)),
     )
     rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
@@ -66,9 +69,10 @@ def test_flops_benchmark_increment_per_anchor_is_one_output_conv(tmp_path):
 
 
 def test_train_iter_benchmark_has_a_row_per_model_and_precision():
+    precisions = ("fp32", "fp32+cl", "bf16", "amp")
     stdout = run(
         "train_iter.py",
-        *("--config", SYNTHETIC, "--num-anchors", "1", "--precisions", "fp32", "fp32+cl", "bf16"),
+        *("--config-file", SYNTHETIC, "--num-anchors", "1", "--precisions", *precisions),
         *("--batch", "1", "--size", "64", "--max-objects", "2", "--iters", "1", "--warmup", "0"),
     )
     rows = [
@@ -79,9 +83,7 @@ def test_train_iter_benchmark_has_a_row_per_model_and_precision():
     header, body = rows[0], rows[1:]
     assert header[:2] == ["model", "precision"] and "train ratio to fp32" in header
     assert [(r[0], r[1]) for r in body] == [
-        (model, precision)
-        for precision in ("fp32", "fp32+cl", "bf16")
-        for model in ("FCOS", "MuSu A=1")
+        (model, precision) for precision in precisions for model in ("FCOS", "MuSu A=1")
     ]
     ratio_to_fp32 = header.index("train ratio to fp32")
     for row in body:
@@ -89,3 +91,32 @@ def test_train_iter_benchmark_has_a_row_per_model_and_precision():
         if row[1] == "fp32":
             assert row[ratio_to_fp32] == "1.00"
     assert "Command: `" in stdout
+    # what SOLVER.AMP.ENABLED True resolved to on this CPU, as the training log line says it
+    native = cpu_has_native_bf16()
+    for phase in ("train", "inference"):
+        line = next(x for x in stdout.splitlines() if x.startswith(f"`amp` {phase}: "))
+        assert line.startswith(f"`amp` {phase}: {'bfloat16' if native else 'float32'} (")
+    assert_environment_line(stdout)
+
+
+def assert_environment_line(stdout: str) -> None:
+    """The environment line names each CPU feature with + or - as /proc/cpuinfo says."""
+    line = next(x for x in stdout.splitlines() if x.startswith("Environment: "))
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for row in f:
+            if row.startswith("flags"):
+                flags = set(row.split(":", 1)[1].split())
+                break
+    expected = {
+        "AVX2": "avx2" in flags,
+        "AVX512F": "avx512f" in flags,
+        "AVX512-BF16": "avx512_bf16" in flags,
+        "AMX": bool({"amx_bf16", "amx_int8", "amx_tile"} & flags),
+        "VNNI": bool({"avx512_vnni", "avx_vnni"} & flags),
+    }
+    for name, present in expected.items():
+        assert (
+            f" {name}{'+' if present else '-'}" in line
+            or f"; {name}{'+' if present else '-'}" in line
+        ), (name, line)

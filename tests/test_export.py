@@ -16,11 +16,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import cv2
 import export_model as export_tool  # tools/export_model.py (conftest.py puts tools/ on sys.path)
 import numpy as np
+import onnx
 import pytest
 import torch
 from detectron2.engine import DefaultPredictor, default_argument_parser
@@ -28,8 +29,9 @@ from detectron2.structures import Instances
 
 import musu
 from musu.data import register_synthetic_split
-from musu.data.synthetic import render_image
+from musu.data.synthetic import ensure_split, render_image
 from musu.export import ExportedModel, export_model, sample_image
+from musu.export.quantization import QUANTIZATION_KEY
 
 import train_net  # the root script
 
@@ -192,10 +194,25 @@ def test_export_tool_run_eval_gives_the_eager_ap(trained, tmp_path: Path, export
     argv = ["--config-file", str(MUSU_CONFIG), "--format", export_format]
     argv += ["--output", str(tmp_path), "--run-eval", *TINY, "MODEL.WEIGHTS", trained["weights"]]
     results = export_tool.main(argv)
-    suffix = {"torchscript": ".ts", "onnx": ".onnx"}[export_format]
-    assert (tmp_path / f"model{suffix}").is_file()
+    name = {"torchscript": "model.ts", "onnx": "model.onnx"}[export_format]
+    assert (tmp_path / name).is_file() and list(results) == [name]
     assert trained["ap"] > 0.0  # train_net.py's evaluation of the checkpoint (eager)
-    assert abs(results[VAL_NAME]["bbox"]["AP"] - trained["ap"]) <= 0.1, (results, trained["ap"])
+    assert abs(results[name][VAL_NAME]["bbox"]["AP"] - trained["ap"]) <= 0.1, (results, trained)
+
+
+@pytest.mark.slow
+def test_export_tool_quantize_int8_writes_and_evaluates_both_files(trained, tmp_path: Path) -> None:
+    argv = ["--config-file", str(MUSU_CONFIG), "--output", str(tmp_path), "--run-eval"]
+    argv += ["--quantize", "int8", "--calibration-dataset", TRAIN_NAME, "--calibration-images", "4"]
+    argv += ["--float-layers", "head.bbox_pred", *TINY, "MODEL.WEIGHTS", trained["weights"]]
+    results = export_tool.main(argv)
+    assert list(results) == ["model.onnx", "model_int8.onnx"]
+    assert abs(results["model.onnx"][VAL_NAME]["bbox"]["AP"] - trained["ap"]) <= 0.1
+    stored = {p.key: p.value for p in onnx.load(str(tmp_path / "model_int8.onnx")).metadata_props}
+    assert "4 images" in stored[QUANTIZATION_KEY]
+    assert "float layers: head.bbox_pred, head.objectness" in stored[QUANTIZATION_KEY]
+    int8_ap = results["model_int8.onnx"][VAL_NAME]["bbox"]["AP"]
+    assert 0.0 <= int8_ap <= 100.0  # a 20-iteration model: its AP says nothing about int8 loss
 
 
 def test_exported_model_rejects_a_config_it_was_not_exported_for(trained, tmp_path: Path) -> None:
@@ -217,6 +234,8 @@ def test_latency_benchmark_times_all_three_runtimes(tmp_path: Path) -> None:
     completed = subprocess.run(
         [sys.executable, str(REPO_ROOT / "tools" / "benchmarks" / "export_latency.py")]
         + ["--images", "1", "--iters", "1", "--warmup", "0", "--threads", "1"]
+        + ["--calibration-dataset", "export_latency_calibration", "--calibration-images", "2"]
+        + ["--register-coco", "export_latency_calibration", *_tiny_split(tmp_path)]
         + ["--json", str(out)],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -227,8 +246,16 @@ def test_latency_benchmark_times_all_three_runtimes(tmp_path: Path) -> None:
     (row,) = json.loads(out.read_text())["rows"]
     assert row["threads"] == 1 and row["same_detection_counts"]
     assert row["eager_ms"] > 0 and row["torchscript_ms"] > 0 and row["onnxruntime_ms"] > 0
+    assert row["onnxruntime_int8_ms"] > 0 and row["int8_detections_per_image"] > 0
     assert row["detections_per_image"] > 0  # random init, threshold 0.005: NMS has work to do
     assert "| threads | eager ms |" in completed.stdout and "Command: `" in completed.stdout
+    assert "ORT int8 ms" in completed.stdout and "VNNI" in completed.stdout
+
+
+def _tiny_split(root: Path) -> List[str]:
+    """JSON file and image folder of a 2-image synthetic split (for --register-coco)."""
+    paths = ensure_split("train", root=root / "calibration", num_images=2, seed=3, image_size=64)
+    return [str(paths.json_file), str(paths.image_root)]
 
 
 def test_demo_runs_the_exported_model_like_the_eager_one(trained, tmp_path: Path) -> None:

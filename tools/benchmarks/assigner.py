@@ -18,6 +18,9 @@ CUDA ``max_memory_allocated``; on CPU the CPU allocator's allocation / free even
 ``--profile`` adds a per-step breakdown of MuSu (one row per step function of
 ``musu.modeling.assigners.musu.STEPS``) and a per-line breakdown of both (source traced as is).
 
+The MuSu assigner is ``build_musu_assigner`` of ``--config-file`` (default
+configs/Base-MuSu.yaml) and its trailing ``KEY VALUE`` overrides.
+
 Usage (from the repository root): ``python tools/benchmarks/assigner.py [--device cuda]``.
 """
 
@@ -31,7 +34,7 @@ import statistics
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from common import (  # tools/benchmarks/common.py: the script's folder is on sys.path
@@ -54,7 +57,10 @@ from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.structures import Boxes, Instances
 from torch import Tensor
 
+import musu
+from musu.cli import non_negative_int, parse_tool_args, positive_int, tool_argument_parser
 from musu.modeling.assigners import AnchorGrid, AnchorList, MuSuAssigner
+from musu.modeling.assigners.build import build_musu_assigner
 from musu.modeling.assigners.musu import STEPS
 from musu.modeling.meta_arch import anchor_points
 
@@ -303,29 +309,41 @@ def measure(
     return row
 
 
-def parse_args() -> argparse.Namespace:
-    """The command line (module docstring); errors for a missing CUDA device."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (module docstring; musu.cli convention). ``--config-file`` (default
+    configs/Base-MuSu.yaml) and the trailing overrides configure the MuSu assigner
+    (``build_musu_assigner``: MODEL.MUSU's assigner keys)."""
+    parser = tool_argument_parser(__doc__.split("\n")[0], config_required=False, reads_data=False)
+    parser.set_defaults(config_file="configs/Base-MuSu.yaml")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
-        "--num-anchors", type=int, nargs="+", default=[1, 3, 5], help="MuSu A values"
+        "--num-anchors", type=positive_int, nargs="+", default=[1, 3, 5], help="MuSu A values"
     )
     parser.add_argument(
-        "--objects", type=int, nargs="+", default=[1, 10, 100, 500, 1000], help="M values"
+        "--objects",
+        type=positive_int,
+        nargs="+",
+        default=[1, 10, 100, 500, 1000],
+        help="M values",
     )
     parser.add_argument(
         "--sizes",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[400, 800],
         help="image shorter sides (H); W = H * 1333 / 800",
     )
-    parser.add_argument("--images", type=int, default=2, help="N")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls of each, interleaved")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=positive_int, default=2, help="N")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (0: torch default); see README"
+        "--repeats", type=positive_int, default=5, help="timed calls of each, interleaved"
+    )
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=non_negative_int,
+        default=1,
+        help="torch threads (0: torch default); see README",
     )
     parser.add_argument(
         "--pairs",
@@ -338,7 +356,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="per-step breakdown of MuSu and FCOS (CPU only)"
     )
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The parsed command line; errors for a missing CUDA device."""
+    parser = build_parser()
+    args = parse_tool_args(parser, argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     return args
@@ -379,14 +403,14 @@ def print_results(records: List[Dict[str, object]], args: argparse.Namespace, de
         args.json.write_text(json.dumps(payload, indent=2))
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
     quiet_warnings()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    assigner = MuSuAssigner()
+    assigner = build_musu_assigner(musu.build_config(args.config_file, args.opts))
     fcos = build_fcos(device)
     records = []
     for short_side in args.sizes:

@@ -28,6 +28,7 @@ __all__ = [
     "MIB",
     "LineProfile",
     "command_line",
+    "cpu_features",
     "environment_summary",
     "inspect_unwrap",
     "quiet_warnings",
@@ -300,12 +301,52 @@ def command_line() -> str:
     return " ".join(["python"] + [shlex.quote(arg) for arg in sys.argv])
 
 
+# What decides CPU speed per number format: name shown -> /proc/cpuinfo flags (any of them).
+CPU_FEATURES = {
+    "AVX2": ("avx2",),
+    "AVX512F": ("avx512f",),
+    "AVX512-BF16": ("avx512_bf16",),
+    "AMX": ("amx_bf16", "amx_int8", "amx_tile"),
+    "VNNI": ("avx512_vnni", "avx_vnni"),
+}
+
+
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> Optional[Dict[str, bool]]:
+    """``{feature: present}`` for :data:`CPU_FEATURES` from the first ``flags`` line of
+    ``cpuinfo``; ``None`` where that file does not exist or has no flags (not Linux x86)."""
+    try:
+        with open(cpuinfo) as f:
+            line = next((line for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if line is None:
+        return None
+    flags = set(line.split(":", 1)[1].split())
+    return {name: any(flag in flags for flag in names) for name, names in CPU_FEATURES.items()}
+
+
+def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment_summary(device: torch.device) -> str:
-    """One line: device, torch version, threads, CPU count and load (the machine may be shared)."""
-    if device.type == "cuda":
-        where = f"CUDA ({torch.cuda.get_device_name(device)})"
-    else:
-        where = f"CPU ({platform.processor() or platform.machine()})"
+    """One line: device, CPU model and features (AVX2, AVX512F, AVX512-BF16, AMX, VNNI), torch
+    version, threads, CPU count and load (the machine may be shared)."""
+    features = cpu_features()
+    shown = (
+        "features unknown"
+        if features is None
+        else " ".join(f"{name}{'+' if present else '-'}" for name, present in features.items())
+    )
+    cpu = f"CPU ({_cpu_model()}; {shown})"
+    where = f"CUDA ({torch.cuda.get_device_name(device)}), {cpu}" if device.type == "cuda" else cpu
     load = ""
     if hasattr(os, "getloadavg"):
         load = ", load average %.2f" % os.getloadavg()[0]

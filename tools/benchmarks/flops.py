@@ -25,6 +25,8 @@ from fvcore.nn import FlopCountAnalysis
 from torch import Tensor, nn
 from train_iter import build_fcos, build_musu, load_config, num_parameters
 
+from musu.cli import non_negative_int, parse_tool_args, positive_int, tool_argument_parser
+
 # The paper's Table 7 (R-50, 1333 x 800): (params in M, GFLOPs) per model.
 PAPER_TABLE_7 = {
     "FCOS": (32.07, 205.3),
@@ -68,17 +70,18 @@ def count(model: nn.Module, images: Tensor) -> Dict[str, float]:
     }
 
 
-def _parse_args() -> argparse.Namespace:
-    """Command-line arguments of the script."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/COCO-Detection/musu_R_50_FPN_1x.yaml")
-    parser.add_argument("--num-anchors", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    parser.add_argument("--height", type=int, default=800)
-    parser.add_argument("--width", type=int, default=1333)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (musu.cli convention: --config-file, trailing KEY VALUE overrides)."""
+    parser = tool_argument_parser(__doc__.split("\n")[0], config_required=False, reads_data=False)
+    parser.set_defaults(config_file="configs/COCO-Detection/musu_R_50_FPN_1x.yaml")
+    parser.add_argument("--num-anchors", type=positive_int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--height", type=positive_int, default=800)
+    parser.add_argument("--width", type=positive_int, default=1333)
+    parser.add_argument(
+        "--threads", type=non_negative_int, default=1, help="torch threads (0: default)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE")
-    return parser.parse_args()
+    return parser
 
 
 def _build_models(cfg: CfgNode, num_anchors: List[int]) -> Dict[str, nn.Module]:
@@ -139,21 +142,21 @@ def _markdown(records: List[Dict[str, object]]) -> str:
     return markdown_table(headers, rows)
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     """Count both models, print the table, and write the rows as JSON if asked."""
-    args = _parse_args()
+    args = parse_tool_args(build_parser(), argv)
     quiet_warnings()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, "cpu", args.opts)
+    cfg = load_config(args.config_file, "cpu", args.opts)
     cfg.MODEL.WEIGHTS = ""
     padded = [((side + 31) // 32) * 32 for side in (args.height, args.width)]
     images = torch.zeros(1, 3, *padded)  # (1, 3, H_pad, W_pad), the content does not matter
 
     models = _build_models(cfg, args.num_anchors)
-    records = _records(models, images, args.config.endswith("musu_R_50_FPN_1x.yaml"))
+    records = _records(models, images, args.config_file.endswith("musu_R_50_FPN_1x.yaml"))
     print(
-        f"\n### Parameters and FLOPs ({args.config}, one {args.height}x{args.width} image padded "
+        f"\n### Parameters and FLOPs ({args.config_file}, one {args.height}x{args.width} image padded "
         f"to {padded[0]}x{padded[1]}; fvcore, 1 flop = 1 multiply-add)\n"
     )
     print(_markdown(records))

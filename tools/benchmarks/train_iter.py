@@ -25,8 +25,11 @@ real detections; pass ``--score-thresh 0.05`` then, as the configs do.
 ``--precisions`` adds rows per precision and memory format: ``fp32``, ``fp32+cl`` (weights
 channels-last, as ``MODEL.CHANNELS_LAST``), ``bf16`` and ``bf16+cl`` (forward under
 ``torch.autocast`` in bfloat16, as ``SOLVER.AMP.ENABLED`` / ``TEST.AMP.ENABLED`` on a CPU with
-native bfloat16 or with ``SOLVER.AMP.CPU_BFLOAT16 always``). Each row's ratio to FCOS is against
-FCOS at the same precision; "ratio to fp32" is against the same model in fp32 (when listed).
+native bfloat16 or with ``SOLVER.AMP.CPU_BFLOAT16 always``), and ``amp``: what the config with
+``SOLVER.AMP.ENABLED True`` / ``TEST.AMP.ENABLED True`` runs on this device, decided by
+``musu.engine.amp.resolve_autocast`` (on a CPU without native bfloat16: float32); the script
+prints what ``amp`` resolved to and why. Each row's ratio to FCOS is against FCOS at the same
+precision; "ratio to fp32" is against the same model in fp32 (when listed).
 
 Usage (from the repository root): ``python tools/benchmarks/train_iter.py [--num-anchors 1 3]
 [--precisions fp32 fp32+cl bf16 bf16+cl]``.
@@ -38,7 +41,7 @@ import argparse
 import contextlib
 import copy
 import statistics
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from common import (  # tools/benchmarks/common.py: the script's folder is on sys.path
@@ -51,6 +54,7 @@ from common import (  # tools/benchmarks/common.py: the script's folder is on sy
     random_boxes,
 )
 from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.structures import Boxes, Instances
@@ -58,6 +62,15 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 import musu
+from musu.cli import (
+    non_negative_int,
+    parse_tool_args,
+    positive_int,
+    probability,
+    tool_argument_parser,
+)
+from musu.data.cli import register_coco_datasets
+from musu.engine.amp import Autocast, autocast_context, resolve_autocast
 
 
 def load_config(path: str, device: str, opts: List[str]) -> CfgNode:
@@ -131,7 +144,7 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-PRECISIONS = ("fp32", "fp32+cl", "bf16", "bf16+cl")
+PRECISIONS = ("fp32", "fp32+cl", "bf16", "bf16+cl", "amp")
 VariantKey = Tuple[str, str]  # (model name, precision)
 
 
@@ -143,15 +156,34 @@ def with_precision(model: nn.Module, precision: str) -> nn.Module:
     return model
 
 
-def autocast_for(precision: str, device: torch.device):
-    """The forward-pass context of a precision: bfloat16 autocast, or nothing for fp32."""
+def amp_settings(cfg: CfgNode) -> Dict[str, Autocast]:
+    """What ``SOLVER.AMP.ENABLED True`` (``"train"``) and ``TEST.AMP.ENABLED True``
+    (``"inference"``) run with ``cfg``'s other settings on ``MODEL.DEVICE``."""
+    cfg = cfg.clone()
+    cfg.SOLVER.AMP.ENABLED = True
+    cfg.TEST.AMP.ENABLED = True
+    return {
+        "train": resolve_autocast(cfg, training=True),
+        "inference": resolve_autocast(cfg, training=False),
+    }
+
+
+def autocast_for(precision: str, device: torch.device, amp: Optional[Autocast] = None):
+    """The forward-pass context of a precision: bfloat16 autocast, ``amp``'s setting for
+    ``"amp"``, or nothing for fp32."""
+    if precision == "amp":
+        return autocast_context(amp)
     if precision.startswith("bf16"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def train_step(
-    model: nn.Module, batches: List[List[Dict[str, object]]], precision: str, device: torch.device
+    model: nn.Module,
+    batches: List[List[Dict[str, object]]],
+    precision: str,
+    device: torch.device,
+    amp: Optional[Autocast] = None,
 ) -> Callable[[], None]:
     """A closure running one training iteration per call, cycling over the batches."""
     state = {"step": 0}
@@ -159,7 +191,7 @@ def train_step(
     def step() -> None:
         model.train()
         model.zero_grad(set_to_none=True)
-        with EventStorage(state["step"]), autocast_for(precision, device):
+        with EventStorage(state["step"]), autocast_for(precision, device, amp):
             losses = model(batches[state["step"] % len(batches)])
         sum(losses.values()).backward()
         state["step"] += 1
@@ -168,33 +200,49 @@ def train_step(
 
 
 def inference_step(
-    model: nn.Module, images: List[Dict[str, object]], precision: str, device: torch.device
+    model: nn.Module,
+    images: List[Dict[str, object]],
+    precision: str,
+    device: torch.device,
+    amp: Optional[Autocast] = None,
 ) -> Callable[[], None]:
     """A closure running the eval-mode forward (with post-processing) of one batch per call."""
 
     def step() -> None:
         model.eval()
-        with torch.no_grad(), autocast_for(precision, device):
+        with torch.no_grad(), autocast_for(precision, device, amp):
             model(images)
 
     return step
 
 
-def argument_parser() -> argparse.ArgumentParser:
-    """The command line of this benchmark."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this benchmark (musu.cli convention: --config-file, --register-coco
+    for --dataset, trailing KEY VALUE overrides)."""
+    parser = tool_argument_parser(__doc__.split("\n")[0], config_required=False)
+    parser.set_defaults(config_file="configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--num-anchors", type=int, nargs="+", default=[1, 3], help="MuSu A values")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--max-objects", type=int, default=10, help="objects per image: 1..this")
-    parser.add_argument("--iters", type=int, default=10, help="timed iterations of each model")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--score-thresh", type=float, default=0.0, help="test threshold of both")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (0: torch default); see README"
+        "--num-anchors", type=positive_int, nargs="+", default=[1, 3], help="MuSu A values"
+    )
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--size", type=positive_int, default=256)
+    parser.add_argument(
+        "--max-objects", type=positive_int, default=10, help="objects per image: 1..this"
+    )
+    parser.add_argument(
+        "--iters", type=positive_int, default=10, help="timed iterations of each model"
+    )
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument(
+        "--score-thresh", type=probability, default=0.0, help="test threshold of both"
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=non_negative_int,
+        default=1,
+        help="torch threads (0: torch default); see README",
     )
     parser.add_argument(
         "--weights",
@@ -213,7 +261,6 @@ def argument_parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         help="precision / memory-format variants, each a row per model",
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
 
 
@@ -237,15 +284,19 @@ def time_variants(
         test_images = [{"image": x["image"]} for x in batches[0]]
     else:
         test_images = dataset_images(args.dataset, args.batch, args.size)
+    amp = amp_settings(cfg)
     train = interleaved_timings(
-        {key: train_step(model, batches, key[1], device) for key, model in variants.items()},
+        {
+            key: train_step(model, batches, key[1], device, amp["train"])
+            for key, model in variants.items()
+        },
         args.iters,
         args.warmup,
         device,
     )
     infer = interleaved_timings(
         {
-            key: inference_step(model, test_images, key[1], device)
+            key: inference_step(model, test_images, key[1], device, amp["inference"])
             for key, model in variants.items()
         },
         args.iters,
@@ -287,9 +338,12 @@ def table_rows(
     return rows
 
 
-def main() -> None:
-    parser = argument_parser()
-    args = parser.parse_args()
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = build_parser()
+    args = parse_tool_args(parser, argv)
+    register_coco_datasets(args.register_coco)
+    if args.dataset is not None and args.dataset not in DatasetCatalog.list():
+        parser.error(f"--dataset {args.dataset}: no such registered dataset")
     if args.weights is not None and args.num_anchors != [1]:
         parser.error("--weights loads A = 1 checkpoints: pass --num-anchors 1")
     quiet_warnings()
@@ -298,7 +352,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     device = torch.device(args.device)
-    cfg = load_config(args.config, args.device, args.opts)
+    cfg = load_config(args.config_file, args.device, args.opts)
 
     models: Dict[str, nn.Module] = {"FCOS": build_fcos(cfg, args.score_thresh, args.seed)}
     for num_anchors in args.num_anchors:
@@ -311,7 +365,7 @@ def main() -> None:
     num_classes = cfg.MODEL.MUSU.NUM_CLASSES
     rows = table_rows(args, params, train, infer)
     print(
-        f"\n### Training iteration and inference: MuSu vs Detectron2 FCOS ({args.config}, "
+        f"\n### Training iteration and inference: MuSu vs Detectron2 FCOS ({args.config_file}, "
         f"batch {args.batch}, {args.size}x{args.size}, {num_classes} classes)\n"
     )
     headers = [
@@ -343,6 +397,10 @@ def main() -> None:
             f"\nParameters: MuSu A=1 {params['MuSu A=1']:,} vs FCOS {params['FCOS']:,} + "
             f"{levels} levels (per-level scales) = {expected:,}: {verdict}"
         )
+    if "amp" in args.precisions:
+        for phase, setting in amp_settings(cfg).items():
+            dtype = str(setting.dtype).replace("torch.", "") if setting.enabled else "float32"
+            print(f"\n`amp` {phase}: {dtype} ({setting.reason})")
     print(f"\nEnvironment: {environment_summary(device)}")
     print(f"Command: `{command_line()}`")
 
