@@ -26,7 +26,6 @@ READS_NO_DATA = {
     "tools/publish_model.py",  # a checkpoint and its run folder
     "tools/analysis/visualize.py anchors",  # the regression biases of a checkpoint
     "tools/benchmarks/assigner.py",  # generated boxes
-    "tools/benchmarks/export_latency.py",  # generated images
     "tools/benchmarks/flops.py",  # blank images
 }
 # Subcommands that build no model and read no config: their inputs are training outputs.

@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks: random boxes, interleaved timing, peak tensor memory, tables.
+"""Shared helpers of the benchmarks: the models compared, random boxes, interleaved timing, peak
+tensor memory, tables.
 
 Peak memory (see README.md): on CUDA, ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``; on CPU, the allocation / free events that PyTorch's CPU allocator
@@ -22,7 +23,12 @@ from types import FrameType
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from detectron2.config import CfgNode
+from detectron2.modeling import build_model
+from detectron2.modeling.meta_arch.fcos import FCOS
+from torch import Tensor, nn
+
+import musu
 
 __all__ = [
     "MIB",
@@ -354,3 +360,34 @@ def environment_summary(device: torch.device) -> str:
         f"{where}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{os.cpu_count()} CPUs{load}"
     )
+
+
+def load_config(path: str, device: str, opts: List[str]) -> CfgNode:
+    """:func:`musu.build_config` of the file and overrides on ``device``, not frozen (the
+    benchmark sets A and the score threshold per model)."""
+    return musu.build_config(path, list(opts) + ["MODEL.DEVICE", device], freeze=False)
+
+
+def build_musu(cfg: CfgNode, num_anchors: int, score_thresh: float, seed: int) -> nn.Module:
+    """MuSu from the config with A anchor slots and the given test score threshold."""
+    cfg = cfg.clone()
+    cfg.MODEL.MUSU.NUM_ANCHORS = num_anchors
+    cfg.MODEL.MUSU.SCORE_THRESH_TEST = score_thresh
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+def build_fcos(cfg: CfgNode, score_thresh: float, seed: int) -> FCOS:
+    """Detectron2's FCOS (META_ARCH "D2FCOS") from the same config: MuSu's backbone, tower width /
+    depth / norm and test settings."""
+    cfg = cfg.clone()
+    cfg.MODEL.META_ARCHITECTURE = "D2FCOS"
+    cfg.MODEL.MUSU.NUM_ANCHORS = 1
+    cfg.MODEL.MUSU.SCORE_THRESH_TEST = score_thresh
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+def num_parameters(model: nn.Module) -> int:
+    """All parameters, trainable or not."""
+    return sum(p.numel() for p in model.parameters())

@@ -19,11 +19,19 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from common import command_line, environment_summary, markdown_table, quiet_warnings
+from common import (
+    build_fcos,
+    build_musu,
+    command_line,
+    environment_summary,
+    load_config,
+    markdown_table,
+    num_parameters,
+    quiet_warnings,
+)
 from detectron2.config import CfgNode
 from fvcore.nn import FlopCountAnalysis
 from torch import Tensor, nn
-from train_iter import build_fcos, build_musu, load_config, num_parameters
 
 from musu.cli import non_negative_int, parse_tool_args, positive_int, tool_argument_parser
 

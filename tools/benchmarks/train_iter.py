@@ -1,6 +1,6 @@
 """Training iteration and inference time of MuSu against Detectron2's FCOS at equal architecture.
 
-MuSu is built from ``--config`` with ``build_model``; FCOS (``detectron2.modeling.meta_arch.fcos``)
+MuSu is built from ``--config-file`` with ``build_model``; FCOS (``detectron2.modeling.meta_arch.fcos``)
 is built in Python on the same backbone builder (``build_musu_resnet_fpn_backbone``, same config)
 with an ``FCOSHead`` of the same width, depth and norm (``[C_fpn] * MODEL.MUSU.NUM_CONVS``,
 ``MODEL.MUSU.NORM``), classes and inference settings. Inputs: ``--batch`` random images of
@@ -45,23 +45,24 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from common import (  # tools/benchmarks/common.py: the script's folder is on sys.path
+    build_fcos,
+    build_musu,
     command_line,
     environment_summary,
     interleaved_timings,
+    load_config,
     markdown_table,
+    num_parameters,
     paired_ratio,
     quiet_warnings,
     random_boxes,
 )
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
-from detectron2.modeling import build_model
-from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-import musu
 from musu.cli import (
     non_negative_int,
     parse_tool_args,
@@ -71,32 +72,6 @@ from musu.cli import (
 )
 from musu.data.cli import register_coco_datasets
 from musu.engine.amp import Autocast, autocast_context, resolve_autocast
-
-
-def load_config(path: str, device: str, opts: List[str]) -> CfgNode:
-    """:func:`musu.build_config` of the file and overrides on ``device``, not frozen (the
-    benchmark sets A and the score threshold per model)."""
-    return musu.build_config(path, list(opts) + ["MODEL.DEVICE", device], freeze=False)
-
-
-def build_musu(cfg: CfgNode, num_anchors: int, score_thresh: float, seed: int) -> nn.Module:
-    """MuSu from the config with A anchor slots and the given test score threshold."""
-    cfg = cfg.clone()
-    cfg.MODEL.MUSU.NUM_ANCHORS = num_anchors
-    cfg.MODEL.MUSU.SCORE_THRESH_TEST = score_thresh
-    torch.manual_seed(seed)
-    return build_model(cfg)
-
-
-def build_fcos(cfg: CfgNode, score_thresh: float, seed: int) -> FCOS:
-    """Detectron2's FCOS (META_ARCH "D2FCOS") from the same config: MuSu's backbone, tower width /
-    depth / norm and test settings."""
-    cfg = cfg.clone()
-    cfg.MODEL.META_ARCHITECTURE = "D2FCOS"
-    cfg.MODEL.MUSU.NUM_ANCHORS = 1
-    cfg.MODEL.MUSU.SCORE_THRESH_TEST = score_thresh
-    torch.manual_seed(seed)
-    return build_model(cfg)
 
 
 def random_batch(
@@ -137,11 +112,6 @@ def load_weights(model: nn.Module, path: str) -> None:
     from musu.engine import AtomicCheckpointer  # reads weights without running code
 
     AtomicCheckpointer(model).load(path)
-
-
-def num_parameters(model: nn.Module) -> int:
-    """All parameters, trainable or not."""
-    return sum(p.numel() for p in model.parameters())
 
 
 PRECISIONS = ("fp32", "fp32+cl", "bf16", "bf16+cl", "amp")
