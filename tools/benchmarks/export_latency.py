@@ -4,11 +4,11 @@ DefaultPredictor), the exported TorchScript file, the exported ONNX file in ONNX
 its int8 quantization in ONNX Runtime (the last three through musu.export.ExportedModel), at
 each --threads count.
 
-    python tools/benchmarks/export_latency.py           # Quick start config, 1 and 2 threads
+    python tools/benchmarks/export_latency.py           # synthetic paper-settings config, 1 and 2 threads
     python tools/benchmarks/export_latency.py --weights output/synthetic/musu_paper_R_18_FPN_1200it/model_final.pth
 
 A latency is the whole call on an original BGR image: resize, model, NMS, rescaling to the image.
-The timed images are the Quick start data's (musu.data.synthetic.render_image, 256 px), or the
+The timed images are the synthetic data's (musu.data.synthetic.render_image, 256 px), or the
 first --images images of --dataset. Without --weights the model is randomly initialized (seed 0)
 and --score-thresh (default 0.005 then) is low enough that it still outputs detections. The int8
 file is calibrated on --calibration-images images of --calibration-dataset (the same
@@ -55,7 +55,7 @@ RUNTIMES = ("eager", "torchscript", "onnxruntime", "onnxruntime_int8")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line (musu.cli convention; --config-file defaults to the Quick start's)."""
+    """The command line (musu.cli convention; --config-file defaults to the synthetic paper-settings config)."""
     parser = tool_argument_parser(__doc__.split("\n\n")[0], config_required=False)
     parser.set_defaults(config_file=SYNTHETIC)
     parser.add_argument("--weights", default="", help="checkpoint (default: random init, seed 0)")
