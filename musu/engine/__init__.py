@@ -38,8 +38,8 @@ from .preemption import (
     forward_signals_to_children,
     preemption_exit_code,
 )
-from .weights_io import UnsafeWeightsError, WeightsFileError, load_weights_file
 from .trainer import Trainer, check_data
+from .weights_io import UnsafeWeightsError, WeightsFileError, load_weights_file
 
 __all__ = [
     "AtomicCheckpointer",
