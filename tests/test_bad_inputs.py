@@ -21,6 +21,7 @@ import os
 import pickle
 import shutil
 import tokenize
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -728,3 +729,70 @@ def test_pkl_reader_takes_numpy_pickles_of_every_protocol(tmp_path: Path, protoc
     path.write_bytes(pickle.dumps({"model": {"w": np.array([1, "x"], dtype=object)}}, protocol))
     with pytest.raises(UnsafeWeightsError, match=r"plain\.pkl.*array of Python objects"):
         musu.engine.load_weights_file(path)
+
+
+class _Call:
+    """Pickles as a call of ``function(*args)``: how a crafted file reaches numpy's helpers."""
+
+    def __init__(self, function: Callable, *args: Any) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return (self.function, self.args)
+
+
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        (  # an object array over attacker bytes: forged pointers, dereferenced by OrderedDict
+            "forged_pointers",
+            {"model": _Call(OrderedDict, _Call(np.ndarray, (2,), np.dtype("O"), b"A" * 16))},
+            "array of Python objects",
+        ),
+        (  # numpy.ndarray called with a plain dtype and a buffer of the wrong size
+            "ndarray_call",
+            {"model": {"w": _Call(np.ndarray, (4,), np.dtype("f4"), b"A" * 4)}},
+            "numpy.ndarray called directly",
+        ),
+        (  # a structured dtype whose field lies past the item: a read outside the buffer
+            "structured_dtype",
+            {
+                "model": {
+                    "w": np.zeros(2, dtype={"names": ["a"], "formats": ["f8"], "offsets": [0]})
+                }
+            },
+            "structured",
+        ),
+    ],
+)
+def test_pkl_reader_refuses_crafted_numpy_objects(
+    tmp_path: Path, name: str, content: dict, words: str
+) -> None:
+    path = tmp_path / f"{name}.pkl"
+    path.write_bytes(pickle.dumps(content, protocol=2))
+    with pytest.raises(UnsafeWeightsError, match=words):
+        musu.engine.load_weights_file(path)
+
+
+def test_pkl_reader_rebuilds_arrays_of_every_layout(tmp_path: Path) -> None:
+    """Fortran order, big-endian, empty, 0-d and non-contiguous arrays, and an array named twice
+    (the pickle's memo), come back equal, with their dtypes and shapes."""
+    shared = np.arange(3.0)
+    arrays = {
+        "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+        "big_endian": np.arange(4, dtype=">f4"),
+        "empty": np.zeros((0, 3), np.float32),
+        "zero_d": np.array(3.5),
+        "strided": np.arange(12.0).reshape(3, 4)[:, ::2],
+        "bool": np.array([True, False]),
+        "shared": shared,
+    }
+    for protocol in (2, 4, 5):
+        path = tmp_path / f"layouts_{protocol}.pkl"
+        path.write_bytes(pickle.dumps({"model": arrays, "again": shared}, protocol=protocol))
+        loaded = musu.engine.load_weights_file(path)
+        for key, value in arrays.items():
+            got = loaded["model"][key]
+            assert got.dtype == value.dtype and got.shape == value.shape, (protocol, key)
+            assert np.array_equal(got, value), (protocol, key)
+        assert isinstance(loaded["again"], np.ndarray) and np.array_equal(loaded["again"], shared)

@@ -208,3 +208,38 @@ def test_the_entry_point_trains_resumes_and_evaluates(tmp_path: Path) -> None:
     weights = f"train.init_checkpoint='{output / 'model_final.pth'}'"
     evaluated = run("--eval-only", *overrides, weights)
     assert evaluated["bbox"].keys() == results["bbox"].keys()
+
+
+def test_the_entry_point_refuses_yaml_configs(tmp_path: Path) -> None:
+    # Detectron2's LazyConfig.load reads .yaml with yaml.unsafe_load: a tag there could run code.
+    marker = tmp_path / "marker"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"x: !!python/object/apply:os.system ['touch {marker}']\n")
+    tool = _lazy_tool()
+    args = parse_tool_args(tool.build_parser(), ["--config-file", str(config)], lazy_config=True)
+    with pytest.raises(ValueError, match=r"config\.yaml.*Python files \(\.py\)"):
+        tool.setup(args)
+    assert not marker.exists()
+
+
+def test_cpu_ddp_takes_detectron2s_fp16_compression_keyword(tmp_path: Path, monkeypatch) -> None:
+    """configs/common/train.py's ``train.ddp`` (with ``fp16_compression``) wraps a CPU model (a
+    1-process gloo group stands in for several, as in test_reliability_checkpoint.py)."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    from musu.engine import create_ddp_model
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+        model = torch.nn.Linear(2, 2)
+        ddp_settings = dict(_lazy("Synthetic/musu_R_18_FPN_1200it.py").train.ddp)
+        for fp16 in (False, True):
+            wrapped = create_ddp_model(model, **{**ddp_settings, "fp16_compression": fp16})
+            assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+            wrapped(torch.ones(1, 2)).sum().backward()
+    finally:
+        dist.destroy_process_group()

@@ -105,8 +105,15 @@ def do_train(args: argparse.Namespace, cfg) -> Dict[str, Any]:
 
 
 def setup(args: argparse.Namespace):
-    """The config of ``--config-file`` with the overrides, on CPU where CUDA is not available,
-    after Detectron2's ``default_setup`` (output folder, logging, ``train.seed``)."""
+    """The config of ``--config-file`` (a ``.py`` file: a ``.yaml`` one is refused, Detectron2
+    would read it unsafely) with the overrides, on CPU where CUDA is not available, after
+    Detectron2's ``default_setup`` (output folder, logging, ``train.seed``)."""
+    if not str(args.config_file).endswith(".py"):
+        # Detectron2's LazyConfig reads .yaml files with yaml.unsafe_load: a tag could run code.
+        raise ValueError(
+            f"--config-file {args.config_file}: this tool reads LazyConfig Python files (.py); "
+            "train YAML configs with train_net.py, which reads them with yaml.safe_load"
+        )
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("CUDA is not available: train.device set to 'cpu'.")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from detectron2.engine import defaults
 from detectron2.utils import comm
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks as comm_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["create_ddp_model", "limit_cpu_threads_per_process"]
@@ -25,13 +26,18 @@ logger = logging.getLogger(__name__)
 def create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
     """``model`` itself in a 1-process run; else ``DistributedDataParallel(model, **kwargs)``,
     with ``device_ids=[local_rank]`` (Detectron2's choice) for a CUDA model and without
-    ``device_ids`` for a CPU model."""
+    ``device_ids`` for a CPU model. ``fp16_compression`` (Detectron2's keyword) registers DDP's
+    float16 gradient-compression hook on either device."""
     if comm.get_world_size() == 1:
         return model
     parameter = next(model.parameters(), None)
     if parameter is not None and parameter.device.type == "cuda":
         return defaults.create_ddp_model(model, **kwargs)
-    return DistributedDataParallel(model, **kwargs)
+    fp16_compression = kwargs.pop("fp16_compression", False)  # Detectron2's keyword, not DDP's
+    ddp = DistributedDataParallel(model, **kwargs)
+    if fp16_compression:
+        ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
+    return ddp
 
 
 def limit_cpu_threads_per_process() -> int:

@@ -25,7 +25,7 @@ import os
 import pickle
 import re
 import zipfile
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,57 +56,190 @@ def _latin1_encode(text: str, encoding: str = "latin1", errors: str = "strict") 
     return codecs.encode(text, "latin1", errors)
 
 
-def _numpy_global(module: str, name: str) -> Callable[[], Any]:
-    def resolve() -> Any:
-        if module == "numpy":
-            return getattr(np, name)
-        # numpy 1.x writes numpy.core.*, numpy 2.x numpy._core.*: both name the same objects.
-        submodule = module.split(".")[-1]
-        core = getattr(np, "_core", None) or np.core
-        return getattr(getattr(core, submodule), name)
-
-    return resolve
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()`` as protocol-2 pickles of an empty ``bytes`` use it: no arguments."""
+    if args:
+        raise UnsafeWeightsError("bytes() with arguments")
+    return b""
 
 
-_ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
-    ("collections", "OrderedDict"): lambda: collections.OrderedDict,
-    ("_codecs", "encode"): lambda: _latin1_encode,
-    ("numpy", "ndarray"): _numpy_global("numpy", "ndarray"),
-    ("numpy", "dtype"): _numpy_global("numpy", "dtype"),
+# Numpy objects are rebuilt here, from validated pieces, never by numpy's own pickle helpers:
+# those accept any dtype and buffer (an object dtype over attacker bytes gives an array of
+# forged pointers, a structured dtype can read past its buffer). Only plain numeric dtypes
+# (and fixed-size strings) are accepted, and every buffer's size is checked.
+_PLAIN_KINDS = "biufcSU"  # bool, integers, floats, complex numbers, fixed-size strings
+
+
+def _plain_dtype(value: Any) -> np.dtype:
+    """``value`` (a dtype rebuilt by this module) if it is a plain numeric dtype."""
+    if isinstance(value, _PendingDtype):
+        value = value.result
+    if not isinstance(value, np.dtype):
+        raise UnsafeWeightsError(f"a numpy dtype given as {type(value).__name__}")
+    if value.hasobject:
+        raise UnsafeWeightsError(f"a numpy array of Python objects (dtype {value!r})")
+    if value.kind not in _PLAIN_KINDS or value.names or value.subdtype:
+        raise UnsafeWeightsError(f"numpy dtype {value!r}")
+    return value
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, tuple) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value
+    ):
+        raise UnsafeWeightsError(f"numpy shape {value!r}")
+    return value
+
+
+def _array_from_bytes(data: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
+    """A new array of ``shape`` and ``dtype`` holding exactly the bytes ``data``."""
+    dtype, shape = _plain_dtype(dtype), _shape(shape)
+    if isinstance(data, pickle.PickleBuffer):
+        data = data.raw().tobytes()
+    if not isinstance(data, (bytes, bytearray)):
+        raise UnsafeWeightsError(f"numpy array data given as {type(data).__name__}")
+    if order not in ("C", "F") or len(data) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        raise UnsafeWeightsError(f"numpy array data of {len(data)} bytes for {shape} {dtype}")
+    return np.frombuffer(bytes(data), dtype=dtype).reshape(shape, order=order).copy()
+
+
+class _Pending:
+    """What a numpy reconstructor returns; the BUILD that follows (its state) makes ``result``."""
+
+    result: Any = None
+
+    def build(self, state: Any) -> Any:
+        raise NotImplementedError
+
+
+class _PendingArray(_Pending):
+    def build(self, state: Any) -> np.ndarray:
+        # ndarray.__reduce__ state: (version, shape, dtype, is_fortran, raw bytes)
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[3], bool)):
+            raise UnsafeWeightsError(f"numpy array state of type {type(state).__name__}")
+        _, shape, dtype, fortran, data = state
+        self.result = _array_from_bytes(data, dtype, shape, "F" if fortran else "C")
+        return self.result
+
+
+class _PendingDtype(_Pending):
+    def __init__(self, name: Any) -> None:
+        if not isinstance(name, str):
+            raise UnsafeWeightsError(f"numpy dtype named by a {type(name).__name__}")
+        self.name = name
+
+    def build(self, state: Any) -> np.dtype:
+        # dtype.__reduce__ state: (version, byte order, subarray, names, fields, item size,
+        # alignment, flags[, metadata]); a plain dtype has no subarray, names or fields.
+        if not (isinstance(state, tuple) and len(state) in (8, 9)):
+            raise UnsafeWeightsError("numpy dtype state")
+        _, order, subarray, names, fields = state[:5]
+        if subarray is not None or names is not None or fields is not None:
+            raise UnsafeWeightsError("a structured or sub-array numpy dtype")
+        if order not in ("<", ">", "|", "="):
+            raise UnsafeWeightsError(f"numpy byte order {order!r}")
+        try:
+            dtype = np.dtype(self.name)
+        except TypeError:
+            raise UnsafeWeightsError(f"numpy dtype {self.name!r}") from None
+        dtype = _plain_dtype(dtype)
+        self.result = dtype.newbyteorder(order) if order in "<>" and dtype.itemsize > 1 else dtype
+        return self.result
+
+
+class _NDArrayToken:
+    """Stands for ``numpy.ndarray`` in a pickle: only ``_reconstruct`` may receive it."""
+
+    def __call__(self, *args: Any) -> Any:
+        raise UnsafeWeightsError("numpy.ndarray called directly")
+
+
+_NDARRAY = _NDArrayToken()
+
+
+def _reconstruct(subtype: Any, shape: Any, typecode: Any) -> _PendingArray:
+    if subtype is not _NDARRAY:
+        raise UnsafeWeightsError(f"numpy _reconstruct of {type(subtype).__name__}")
+    return _PendingArray()
+
+
+def _dtype(name: Any, align: Any = False, copy: Any = False) -> _PendingDtype:
+    return _PendingDtype(name)
+
+
+def _scalar(dtype: Any, data: Any = None) -> np.generic:
+    return _array_from_bytes(data, dtype, (), "C")[()]
+
+
+def _frombuffer(data: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    return _array_from_bytes(data, dtype, shape, order)
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): _latin1_encode,
+    ("builtins", "bytes"): _empty_bytes,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _dtype,
 }
-for _core in ("numpy.core", "numpy._core"):
-    _ALLOWED_GLOBALS[(f"{_core}.multiarray", "_reconstruct")] = _numpy_global(
-        f"{_core}.multiarray", "_reconstruct"
-    )
-    _ALLOWED_GLOBALS[(f"{_core}.multiarray", "scalar")] = _numpy_global(
-        f"{_core}.multiarray", "scalar"
-    )
-    _ALLOWED_GLOBALS[(f"{_core}.numeric", "_frombuffer")] = _numpy_global(
-        f"{_core}.numeric", "_frombuffer"
-    )
+for _core in ("numpy.core", "numpy._core"):  # numpy 1.x and 2.x module names
+    _ALLOWED_GLOBALS[(f"{_core}.multiarray", "_reconstruct")] = _reconstruct
+    _ALLOWED_GLOBALS[(f"{_core}.multiarray", "scalar")] = _scalar
+    _ALLOWED_GLOBALS[(f"{_core}.numeric", "_frombuffer")] = _frombuffer
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+class RestrictedUnpickler(pickle._Unpickler):  # the Python unpickler: its BUILD can be replaced
     """An unpickler that resolves only the globals numpy arrays, dtypes, scalars and
-    ``OrderedDict`` need; any other global (``os.system``, ``builtins.eval``, a class, ...)
-    raises :class:`UnsafeWeightsError` naming it, before anything is imported or called.
-    Persistent ids are refused too."""
+    ``OrderedDict`` need, each to a stand-in of this module that checks its arguments; any other
+    global (``os.system``, ``builtins.eval``, a class, ...) raises :class:`UnsafeWeightsError`
+    naming it, before anything is imported or called. BUILD (``__setstate__``) applies only to
+    the numpy stand-ins; persistent ids are refused."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         key = {"copy_reg": "copyreg", "__builtin__": "builtins"}.get(module, module), name
         if key in _ALLOWED_GLOBALS:
-            return _ALLOWED_GLOBALS[key]()
+            return _ALLOWED_GLOBALS[key]
         raise UnsafeWeightsError(f"global '{module}.{name}'")
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafeWeightsError(f"persistent id {pid!r}")
 
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        target = self.stack[-1]
+        if not isinstance(target, _Pending):
+            raise UnsafeWeightsError(f"setting the state of a {type(target).__name__}")
+        self.stack[-1] = target.build(state)
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _resolve(value: Any) -> Any:
+    """``value`` with every numpy stand-in replaced by what its BUILD made (a stand-in also
+    stays in the pickle's memo, so a second reference to an array finds the stand-in)."""
+    if isinstance(value, _Pending):
+        if value.result is None:
+            raise UnsafeWeightsError("a numpy object without its state")
+        return value.result
+    if isinstance(value, dict):
+        for key in list(value):
+            value[key] = _resolve(value[key])
+        return value
+    if isinstance(value, list):
+        value[:] = [_resolve(item) for item in value]
+        return value
+    if isinstance(value, tuple):
+        return tuple(_resolve(item) for item in value)
+    return value
+
 
 def restricted_pickle_load(path: str | os.PathLike) -> Any:
     """Unpickle ``path`` with :class:`RestrictedUnpickler` (``latin1`` for Python 2 pickles);
-    the result holds nothing but allowed types (object arrays are refused)."""
+    the result holds nothing but allowed types (arrays of plain numeric dtypes only)."""
     with open(path, "rb") as f:
-        data = RestrictedUnpickler(f, encoding="latin1").load()
+        data = _resolve(RestrictedUnpickler(f, encoding="latin1").load())
     _check_plain(data, "")
     return data
 

@@ -243,7 +243,7 @@ def quantize_onnx(
     method: str = "minmax",
     reduce_range: bool = False,
 ) -> Path:
-    """Static int8 quantization (ONNX Runtime, QDQ format, int8 weights per output channel, int8
+    """Static int8 quantization (ONNX Runtime, QDQ format, int8 weights per output channel, uint8
     activations) of the exported ONNX detector at ``float_path``, calibrated on ``images``
     (preprocessed (3, H, W) float32 tensors, e.g. from :func:`calibration_images`), written to
     ``output_path``. Layers in ``float_layers`` stay float32 (see :func:`quantized_nodes`); so does
