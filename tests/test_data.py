@@ -119,6 +119,51 @@ def test_statistics_overlaps_sizes_aspect_ratios(tmp_path):
     assert min(per_class.values()) >= 0.1 * len(data["annotations"])
 
 
+def test_size_band_splits_hold_objects_of_their_band(tmp_path):
+    """Longer sides stay in the band's range (stars stretch up to 1.25x along x); the bands are
+    ordered, and a split generated without max_object_size keeps its manifest valid."""
+    sides = {}
+    for band, (low, high) in synthetic.SIZE_BANDS.items():
+        split = synthetic.ensure_split(
+            band, tmp_path, num_images=12, seed=3, min_object_size=low, max_object_size=high
+        )
+        wh = np.array([a["bbox"][2:] for a in _read(split)["annotations"]])
+        sides[band] = wh.max(axis=1)
+        # Visible extents: occlusion only shrinks a box, and no shape is drawn past 1.25 x high.
+        assert sides[band].max() <= 1.25 * high + 2, band
+        assert np.median(sides[band]) >= 0.5 * low, band
+    assert np.median(sides["small"]) < 32 < np.median(sides["medium"]) < 96
+    assert np.median(sides["large"]) > 96
+    default = synthetic.SyntheticConfig(num_images=3, seed=1, image_size=128)
+    manifest_params = synthetic._manifest_params("val", default)
+    assert "max_object_size" not in manifest_params and manifest_params["min_object_size"] == 12
+
+
+def test_size_band_configs_and_registration():
+    for band, (low, high) in synthetic.SIZE_BANDS.items():
+        for split, images in (("train", 800), ("val", 100)):
+            config = synthetic.SPLITS[f"{band}_{split}"]
+            assert (config.min_object_size, config.max_object_size) == (low, high)
+            assert config.num_images == images and config.image_size == 256
+            meta = MetadataCatalog.get(f"musu_synthetic_{band}_{split}")
+            assert meta.thing_classes == list(synthetic.CLASSES)
+    seeds = [c.seed for c in synthetic.SPLITS.values()]
+    assert len(set(seeds)) == len(seeds)  # no two built-in splits share images
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (dict(max_object_size=200, image_size=256), "at most 3/4 of image_size"),
+        (dict(min_object_size=60, max_object_size=50), "min_object_size must be in"),
+        (dict(min_object_size=70, image_size=128), "min_object_size must be in"),
+    ],
+)
+def test_size_range_errors_name_the_field(params, message):
+    with pytest.raises(ValueError, match=message):
+        synthetic.SyntheticConfig(num_images=1, seed=0, **params)
+
+
 def test_cache_reuse_and_regeneration(tmp_path):
     split = synthetic.ensure_split("val", **SMALL)  # under $MUSU_CACHE_DIR
     assert Path(split.json_file).parent == Path(os.environ["MUSU_CACHE_DIR"]) / "synthetic_v1/val"

@@ -3,7 +3,9 @@
 Importing this module registers (names already registered are left alone):
 
 * ``musu_synthetic_train`` / ``musu_synthetic_val``: the built-in synthetic shapes
-  (:mod:`musu.data.synthetic`), generated under ``$MUSU_CACHE_DIR`` on first use.
+  (:mod:`musu.data.synthetic`), generated under ``$MUSU_CACHE_DIR`` on first use, and
+  ``musu_synthetic_{small,medium,large}_{train,val}``: the same with objects of one size band
+  (:data:`musu.data.synthetic.SIZE_BANDS`).
 * ``bccd_train`` / ``bccd_val``: BCCD blood cells in COCO format under :func:`datasets_root`.
 * ``cards_train`` / ``cards_val``: playing cards (6 classes) in COCO format, same rule.
 
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 BCCD_CLASSES: tuple[str, ...] = ("RBC", "WBC", "Platelets")
-_SYNTHETIC_SPLITS = {"musu_synthetic_train": "train", "musu_synthetic_val": "val"}
+_SYNTHETIC_SPLITS = {f"musu_synthetic_{split}": split for split in synthetic.SPLITS}
 CARDS_CLASSES: tuple[str, ...] = ("nine", "ten", "jack", "queen", "king", "ace")
 # Real datasets under datasets_root(): dataset name -> (folder, split, display name, classes).
 _REAL_SPLITS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {

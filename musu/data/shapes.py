@@ -1,7 +1,8 @@
 """Rendering of the built-in synthetic shapes images (:mod:`musu.data.synthetic` writes them).
 
 Each image shows 1 to ``max_objects`` filled shapes (:data:`CLASSES`) of varied colour, size
-(``min_object_size`` px up to half the image) and aspect ratio, on a textured background (colour
+(longer side drawn log-uniformly from ``min_object_size`` px to ``max_object_size``, by default
+half the image) and aspect ratio, on a textured background (colour
 gradient, low-frequency noise, soft blobs, thin lines, pixel noise). Shapes may occlude each other:
 a shape is only placed where it leaves every earlier shape at least :data:`MIN_VISIBLE_FRACTION`
 visible (otherwise the placement is resampled, and the shape skipped after a few tries), so no
@@ -231,6 +232,7 @@ def render_image(
     image_size: int = 256,
     max_objects: int = 12,
     min_object_size: int = 12,
+    max_object_size: int | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Render image ``index`` of the stream defined by ``seed``.
 
@@ -244,7 +246,8 @@ def render_image(
     rng = np.random.default_rng([seed, index])
     img = _background(rng, size)
     layers = _Layers(owner=np.full((size, size), -1, dtype=np.int16))
-    log_min, log_max = math.log(min_object_size), math.log(size / 2)
+    longest = size / 2 if max_object_size is None else max_object_size
+    log_min, log_max = math.log(min_object_size), math.log(longest)
     for _ in range(int(rng.integers(1, max_objects + 1))):
         cls = int(rng.integers(0, len(CLASSES)))
         poly = _shape_polygon(rng, cls, math.exp(rng.uniform(log_min, log_max)))

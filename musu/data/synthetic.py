@@ -33,6 +33,7 @@ __all__ = [
     "CLASSES",
     "GENERATOR_VERSION",
     "MIN_VISIBLE_FRACTION",
+    "SIZE_BANDS",
     "SPLITS",
     "SyntheticConfig",
     "SyntheticSplit",
@@ -54,7 +55,11 @@ _JPEG_QUALITY = 92
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """Everything that determines the content of a split (recorded in its manifest)."""
+    """Everything that determines the content of a split (recorded in its manifest).
+
+    Each shape's longer side is drawn log-uniformly from ``min_object_size`` to
+    ``max_object_size`` pixels (None: half the image), at most three quarters of the image.
+    """
 
     num_images: int
     seed: int
@@ -62,6 +67,7 @@ class SyntheticConfig:
     image_format: str = "jpg"
     max_objects: int = 12
     min_object_size: int = 12
+    max_object_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_images < 1:
@@ -70,18 +76,45 @@ class SyntheticConfig:
             raise ValueError(f"image_format must be 'jpg' or 'png', got {self.image_format!r}")
         if self.max_objects < 1:
             raise ValueError(f"max_objects must be >= 1, got {self.max_objects}")
-        if not 4 <= self.min_object_size <= self.image_size // 2:
+        largest = self.image_size // 2 if self.max_object_size is None else self.max_object_size
+        if not largest <= self.image_size * 3 // 4:
             raise ValueError(
-                f"min_object_size must be in [4, image_size / 2], got {self.min_object_size} "
-                f"for image_size {self.image_size}"
+                f"max_object_size must be at most 3/4 of image_size ({self.image_size * 3 // 4}), "
+                f"got {self.max_object_size}"
+            )
+        if not 4 <= self.min_object_size <= largest:
+            raise ValueError(
+                f"min_object_size must be in [4, {largest}] (max_object_size, or image_size / 2 "
+                f"when unset), got {self.min_object_size} for image_size {self.image_size}"
             )
 
+
+SIZE_BANDS: dict[str, tuple[int, int]] = {
+    "small": (8, 32),
+    "medium": (56, 100),
+    "large": (168, 192),
+}
+"""Longer-side ranges (px, at 256 x 256) of the size-band splits ``<band>_train`` /
+``<band>_val``: these put most objects in COCO's small (area < 32^2), medium (32^2-96^2) and
+large (> 96^2) bands; docs/study/size_bands.md measures the shares."""
 
 SPLITS: dict[str, SyntheticConfig] = {
     "train": SyntheticConfig(num_images=800, seed=20210901),
     "val": SyntheticConfig(num_images=100, seed=20210902),
+    **{
+        f"{band}_{split}": SyntheticConfig(
+            num_images=num_images, seed=seed, min_object_size=low, max_object_size=high
+        )
+        for offset, (band, (low, high)) in enumerate(SIZE_BANDS.items())
+        for split, num_images, seed in (
+            ("train", 800, 20210911 + offset),
+            ("val", 100, 20210921 + offset),
+        )
+    },
 }
-"""Default configuration of the built-in splits (``musu_synthetic_train`` / ``_val``)."""
+"""Configurations of the built-in splits (``musu_synthetic_train`` / ``_val``, and
+``musu_synthetic_<band>_train`` / ``_val`` for each band of :data:`SIZE_BANDS`: the same
+classes and image counts, objects of one size band)."""
 
 
 class SyntheticSplit(NamedTuple):
@@ -97,7 +130,10 @@ class SyntheticSplit(NamedTuple):
 
 
 def _manifest_params(split: str, config: SyntheticConfig) -> dict[str, Any]:
-    return {"split": split, "classes": list(CLASSES), **asdict(config)}
+    """Recorded parameters; an unset (None) field is left out, so adding an optional field
+    keeps the splits generated before it valid."""
+    fields = {k: v for k, v in asdict(config).items() if v is not None}
+    return {"split": split, "classes": list(CLASSES), **fields}
 
 
 def write_split(out_dir: str | os.PathLike, config: SyntheticConfig, split: str = "") -> Path:
@@ -116,7 +152,12 @@ def write_split(out_dir: str | os.PathLike, config: SyntheticConfig, split: str 
     images, annotations, sizes = [], [], {}
     for index in range(config.num_images):
         image, objects = render_image(
-            config.seed, index, config.image_size, config.max_objects, config.min_object_size
+            config.seed,
+            index,
+            config.image_size,
+            config.max_objects,
+            config.min_object_size,
+            config.max_object_size,
         )
         ok, encoded = cv2.imencode(ext, image, params)
         if not ok:
@@ -222,16 +263,23 @@ def _file_lock(path: Path) -> Iterator[None]:
 def _split_config(
     split: str, num_images: int | None, seed: int | None, **params: Any
 ) -> SyntheticConfig:
-    """The config of ``split``: ``num_images`` and ``seed`` default to :data:`SPLITS`."""
-    if num_images is None or seed is None:
-        if split not in SPLITS:
-            raise ValueError(
-                f"unknown synthetic split {split!r} (known: {sorted(SPLITS)}): "
-                "pass num_images and seed"
-            )
-        num_images = SPLITS[split].num_images if num_images is None else num_images
-        seed = SPLITS[split].seed if seed is None else seed
-    return SyntheticConfig(num_images=num_images, seed=seed, **params)
+    """The config of ``split``: :data:`SPLITS` ``[split]`` with the given (not None) values
+    replaced; ``num_images`` and ``seed`` are required for other split names."""
+    given = {k: v for k, v in params.items() if v is not None}
+    if split in SPLITS:
+        base = asdict(SPLITS[split])
+    elif num_images is None or seed is None:
+        raise ValueError(
+            f"unknown synthetic split {split!r} (known: {sorted(SPLITS)}): pass num_images and seed"
+        )
+    else:
+        base = {}
+    base.update(given)
+    if num_images is not None:
+        base["num_images"] = num_images
+    if seed is not None:
+        base["seed"] = seed
+    return SyntheticConfig(**base)
 
 
 def _remove_stale(parent: Path, split: str) -> None:
@@ -268,17 +316,19 @@ def ensure_split(
     *,
     num_images: int | None = None,
     seed: int | None = None,
-    image_size: int = 256,
-    image_format: str = "jpg",
-    max_objects: int = 12,
-    min_object_size: int = 12,
+    image_size: int | None = None,
+    image_format: str | None = None,
+    max_objects: int | None = None,
+    min_object_size: int | None = None,
+    max_object_size: int | None = None,
 ) -> SyntheticSplit:
     """Return the paths of ``split``, generating it first unless a valid copy is cached.
 
-    ``num_images`` and ``seed`` default to :data:`SPLITS` ``[split]`` (required for other split
-    names). A cached split whose manifest, JSON or images do not match is regenerated. The split
-    is generated in a temporary sibling folder and renamed into place under a lock file, so a
-    crash never leaves a folder that passes :func:`is_split_valid` with wrong content, and
+    Every argument left None takes its value from :data:`SPLITS` ``[split]`` (from
+    :class:`SyntheticConfig`'s defaults for other split names, which need ``num_images`` and
+    ``seed``). A cached split whose manifest, JSON or images do not match is regenerated. The
+    split is generated in a temporary sibling folder and renamed into place under a lock file,
+    so a crash never leaves a folder that passes :func:`is_split_valid` with wrong content, and
     concurrent callers generate it once.
     """
     config = _split_config(
@@ -289,6 +339,7 @@ def ensure_split(
         image_format=image_format,
         max_objects=max_objects,
         min_object_size=min_object_size,
+        max_object_size=max_object_size,
     )
     target = split_dir(split, root)
     result = SyntheticSplit(str(target / ANNOTATIONS_FILE), str(target / IMAGES_DIR))
