@@ -96,6 +96,29 @@ def test_summary_counts_excluded_objects_separately() -> None:
     assert summary["mean_overlap"] == pytest.approx((4 + 1 + 2 + 0) / 4)
 
 
+def test_per_band_keys_top_score_and_near_duplicates() -> None:
+    """A 10 px (small) and a 50 px (medium) object; no large one, so no large keys."""
+    gt = torch.tensor([[0.0, 0, 10, 10], [100.0, 100, 150, 150]])
+    boxes = torch.cat(
+        [
+            SHIFTED,  # small object: IoUs 1, 0.818, 0.667, 0.538; scores reversed
+            torch.tensor([[100.0, 100, 150, 150], [110.0, 100, 160, 150], [130.0, 100, 180, 150]]),
+        ]
+    )  # medium object: IoUs 1, 40 / 60, 20 / 80
+    scores = torch.tensor([0.3, 0.5, 0.7, 0.9, 0.6, 0.8, 0.1])
+    records = object_consistency(boxes, scores, torch.zeros(7), gt, torch.zeros(2))
+    assert [r["band"] for r in records] == ["small", "medium"]
+    assert [r["num_iou50"] for r in records] == [4.0, 2.0]
+    assert [r["top1_score"] for r in records] == pytest.approx([0.9, 0.8])
+    summary = summarize_consistency(records)
+    assert summary["top1_small"] == 0.0 and summary["top1_iou_small"] == pytest.approx(IOUS[3])
+    assert summary["top1_medium"] == 0.0 and summary["top1_iou_medium"] == pytest.approx(40 / 60)
+    assert summary["num_iou50_medium"] == 2.0 and summary["num_objects_medium"] == 1
+    assert summary["num_iou50"] == pytest.approx(3.0)
+    assert summary["top1_score"] == pytest.approx((0.9 + 0.8) / 2)
+    assert not any(key.endswith("_large") for key in summary)
+
+
 def test_evaluator_on_a_registered_dataset() -> None:
     name = "test_consistency_tiny"
     dicts = [

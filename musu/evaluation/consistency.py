@@ -13,6 +13,13 @@ IoU with j exceeds ``iou_threshold`` (default 0: any overlap). On them:
     trivial hits, so they are not counted.
 (c) ``top1_iou`` / ``best_iou``: mean IoU of the highest-scoring and of the best overlapping
     prediction over those objects: what NMS keeps against what it could have kept.
+(d) ``top1_score``: mean over the same objects of the highest overlapping score, and
+    ``num_iou50``: mean over all objects of the predictions of their class with IoU >= 0.5 (after
+    NMS, every one beyond the first is a false positive at AP50).
+
+Each metric is also given per COCO size band of the object (:data:`musu.size_bands.SIZE_BANDS`,
+by the side sqrt(w x h) of its box in the evaluated image), with the band's name as suffix
+(``top1_medium``, ``num_objects_large``, ...); a band without objects has no keys.
 
 What NMS needs is consistency among its *input* candidates. A detector's final outputs are
 post-NMS, where near-duplicates are already gone; to measure pre-NMS candidates, run inference
@@ -38,6 +45,8 @@ from detectron2.structures import BoxMode
 from detectron2.utils import comm
 from torch import Tensor
 from torchvision.ops import box_iou
+
+from ..size_bands import SIZE_BANDS, size_band
 
 __all__ = [
     "ConsistencyEvaluator",
@@ -104,8 +113,10 @@ def object_consistency(
         pred_boxes (P, 4) XYXY, pred_scores (P,), pred_classes (P,); gt_boxes (M, 4) XYXY,
         gt_classes (M,); predictions overlap an object when same class and IoU > iou_threshold.
     Returns:
-        M dicts: ``num_overlap``, ``spearman`` (nan unless defined), ``top1`` (1/0, nan if
-        < 2 overlapping), ``top1_iou``, ``best_iou`` (nan if none overlapping).
+        M dicts: ``num_overlap``, ``num_iou50`` (same class, IoU >= 0.5), ``spearman`` (nan
+        unless defined), ``top1`` (1/0, nan if < 2 overlapping), ``top1_iou``, ``best_iou``,
+        ``top1_score`` (nan if none overlapping), and ``band`` (:func:`musu.size_bands.size_band`
+        of the object's box side).
     """
     num_gt = len(gt_boxes)
     if num_gt == 0:
@@ -118,19 +129,26 @@ def object_consistency(
     overlap = same_class & (iou > iou_threshold)  # (M, P)
     scores = pred_scores.double().cpu().numpy()
     iou_np, overlap_np = iou.cpu().numpy(), overlap.cpu().numpy()
+    near = (same_class & (iou >= 0.5)).sum(dim=1).tolist()  # (M,)
+    wh = (gt_boxes[:, 2:] - gt_boxes[:, :2]).double().clamp(min=0)
+    sides = (wh[:, 0] * wh[:, 1]).sqrt().tolist()  # (M,)
     records = []
     for j in range(num_gt):
         idx = np.flatnonzero(overlap_np[j])
         record = {
+            "band": size_band(sides[j]),
             "num_overlap": float(len(idx)),
+            "num_iou50": float(near[j]),
             "spearman": float("nan"),
             "top1": float("nan"),
             "top1_iou": float("nan"),
             "best_iou": float("nan"),
+            "top1_score": float("nan"),
         }
         if len(idx) > 0:
             obj_scores, obj_ious = scores[idx], iou_np[j, idx]
             top = int(np.argmax(obj_scores))
+            record["top1_score"] = float(obj_scores[top])
             record["top1_iou"] = float(obj_ious[top])
             record["best_iou"] = float(obj_ious.max())
             if len(idx) >= 2:
@@ -141,7 +159,17 @@ def object_consistency(
 
 
 def summarize_consistency(records: Sequence[Dict[str, float]]) -> Dict[str, float]:
-    """Aggregate per-object records into the metrics described in the module docstring."""
+    """Aggregate per-object records into the metrics described in the module docstring, over
+    all objects and, for records with a ``band``, per size band (keys suffixed ``_<band>``)."""
+    summary = _summarize(records)
+    for name, _, _ in SIZE_BANDS:
+        in_band = [r for r in records if r.get("band") == name]
+        if in_band:
+            summary.update({f"{k}_{name}": v for k, v in _summarize(in_band).items()})
+    return summary
+
+
+def _summarize(records: Sequence[Dict[str, float]]) -> Dict[str, float]:
     num_objects = len(records)
     few = [r for r in records if r["num_overlap"] < 2]
     many = [r for r in records if r["num_overlap"] >= 2]
@@ -151,17 +179,22 @@ def summarize_consistency(records: Sequence[Dict[str, float]]) -> Dict[str, floa
     def mean(key: str) -> float:
         return float(np.mean([r[key] for r in valid])) if valid else float("nan")
 
+    def mean_all(key: str) -> float:
+        return float(np.mean([r[key] for r in records])) if records else 0.0
+
     return {
         "spearman": mean("spearman"),
         "top1": mean("top1"),
         "top1_iou": mean("top1_iou"),
         "best_iou": mean("best_iou"),
+        "top1_score": mean("top1_score"),
         "num_objects": float(num_objects),
         "num_evaluated": float(len(valid)),
         "num_few": float(len(few)),
         "num_missed": float(sum(r["num_overlap"] == 0 for r in records)),
         "num_constant": float(len(constant)),
-        "mean_overlap": float(np.mean([r["num_overlap"] for r in records])) if records else 0.0,
+        "mean_overlap": mean_all("num_overlap"),
+        "num_iou50": mean_all("num_iou50"),
     }
 
 
