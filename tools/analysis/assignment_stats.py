@@ -1,7 +1,10 @@
 #!/usr/bin/env python
-"""Print what a MuSu model's assigner does on training images: one table of
-``assignment_diagnostics`` for the training assigner (``musu/*``) and the shadow assigner
-(``musu_shadow/*``, the FCOS rule unless ``MODEL.MUSU.SHADOW_ASSIGNER`` says otherwise).
+"""Print what a MuSu model's assigner does on training images: ``assignment_diagnostics`` for
+the training assigner (``musu/*``) and the shadow assigner (``musu_shadow/*``, the FCOS rule
+unless ``MODEL.MUSU.SHADOW_ASSIGNER`` says otherwise), as two tables: the whole-batch
+statistics, then the per-size-band ones (``<statistic>_<band>``, bands ``SIZE_BANDS`` by
+sqrt(w * h) of the box at input resolution), a column per band and assigner, so that MuSu's bag
+sits next to the FCOS rule's positives for small, medium and large objects.
 
     # at initialization (no weights): where the paper's 2s x 2s prior puts the candidate bags
     python tools/analysis/assignment_stats.py \\
@@ -12,14 +15,16 @@
 
 The first ``--images`` training images (dataset order, the training mapper's resize, no flip)
 go through the model's training forward in batches of ``SOLVER.IMS_PER_BATCH``, without a
-backward pass; each value is the mean over batches. Over training, the same scalars are in the
+backward pass; each value is the mean over the batches where it was logged (a size band's
+values: over the batches with objects of that band; ``-``: never logged). Over training, the same scalars are in the
 run's ``metrics.json`` (``tools/analysis/visualize.py assignment-stats`` plots them).
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List, Optional, Sequence
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.data import DatasetCatalog, DatasetMapper
@@ -31,6 +36,7 @@ from musu.cli import parse_tool_args, positive_int, tool_argument_parser
 from musu.data import register_coco_datasets
 from musu.model_zoo import load_model
 from musu.modeling import MuSu
+from musu.modeling.assigners.diagnostics import SIZE_BANDS
 
 PREFIXES = ("musu", "musu_shadow")
 
@@ -60,15 +66,50 @@ def collect(cfg, weights: Optional[str], num_images: int) -> Dict[str, Dict[str,
     return {p: {k: sum(v) / len(v) for k, v in stats.items()} for p, stats in sums.items() if stats}
 
 
+def _split_band(name: str) -> Tuple[str, Optional[str]]:
+    """``("members_mean", "medium")`` for ``members_mean_medium``; ``(name, None)`` without a
+    band suffix."""
+    for band, _, _ in SIZE_BANDS:
+        if name.endswith(f"_{band}"):
+            return name[: -len(band) - 1], band
+    return name, None
+
+
+def _natural(name: str) -> List[object]:
+    """Sort key ordering the numbers inside names by value (``s8`` before ``s16``)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def table(stats: Dict[str, Dict[str, float]]) -> str:
-    """Markdown: a row per statistic, a column per prefix."""
+    """Markdown: a row per whole-batch statistic, a column per prefix."""
     prefixes = list(stats)
-    names = sorted({name for values in stats.values() for name in values})
-    lines = ["| statistic | " + " | ".join(prefixes) + " |", "|---|" + "---|" * len(prefixes)]
+    names = {n for values in stats.values() for n in values if _split_band(n)[1] is None}
+    rows = [
+        [name, *(f"{stats[p][name]:.3f}" if name in stats[p] else "-" for p in prefixes)]
+        for name in sorted(names, key=_natural)
+    ]
+    return _markdown(["statistic", *prefixes], rows)
+
+
+def band_table(stats: Dict[str, Dict[str, float]]) -> str:
+    """Markdown: a row per size-band statistic, a column per (band, prefix), bands in
+    ``SIZE_BANDS`` order; empty string when no band statistic was logged."""
+    prefixes = list(stats)
+    split = [_split_band(n) for values in stats.values() for n in values]
+    names = sorted({name for name, band in split if band is not None}, key=_natural)
+    if not names:
+        return ""
+    columns = [(band, p) for band, _, _ in SIZE_BANDS for p in prefixes]
+    rows = []
     for name in names:
-        cells = [f"{stats[p][name]:.3f}" if name in stats[p] else "-" for p in prefixes]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        keys = [(p, f"{name}_{band}") for band, p in columns]
+        rows.append([name, *(f"{stats[p][k]:.3f}" if k in stats[p] else "-" for p, k in keys)])
+    return _markdown(["statistic", *(f"{band} {p}" for band, p in columns)], rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +139,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     print(f"{args.config_file} {' '.join(args.opts)} weights={args.weights or 'initialization'}")
     print(f"assigner {cfg.MODEL.MUSU.ASSIGNER}; shadow {cfg.MODEL.MUSU.SHADOW_ASSIGNER}")
     print(table(stats))
+    bands = band_table(stats)
+    if bands:
+        limits = ", ".join(f"{name} [{low:g}, {high:g})" for name, low, high in SIZE_BANDS)
+        print(f"\nper size band, sqrt(w * h) of the box in input pixels: {limits}")
+        print(bands)
     return stats
 
 
