@@ -18,7 +18,7 @@ from musu.modeling.assigners import (
     MuSuAssigner,
     assignment_diagnostics,
 )
-from musu.modeling.assigners.diagnostics import SIZE_BANDS
+from musu.size_bands import SIZE_BANDS
 
 # Six anchors: three on stride 8, two on stride 16, one on stride 32.
 POINTS = torch.tensor([[5.0, 5], [15, 5], [25, 5], [10, 10], [30, 10], [20, 20]])

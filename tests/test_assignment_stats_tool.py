@@ -9,7 +9,7 @@ import assignment_stats  # tools/analysis/assignment_stats.py (conftest.py puts 
 import pytest
 
 from musu.data import register_synthetic_split
-from musu.modeling.assigners.diagnostics import SIZE_BANDS
+from musu.size_bands import SIZE_BANDS
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs/Synthetic/musu_paper_R_18_FPN_1200it.yaml"
 

@@ -36,7 +36,7 @@ from musu.cli import parse_tool_args, positive_int, tool_argument_parser
 from musu.data import register_coco_datasets
 from musu.model_zoo import load_model
 from musu.modeling import MuSu
-from musu.modeling.assigners.diagnostics import SIZE_BANDS
+from musu.size_bands import SIZE_BANDS
 
 PREFIXES = ("musu", "musu_shadow")
 

@@ -14,26 +14,19 @@ Shapes: N images, M_max objects (padded), R anchors, K members, B size bands.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from ...size_bands import SIZE_BANDS
 from .base import Anchors, Assignment, pad_ground_truth
 from .geometry import matched_box_iou
 
-__all__ = ["CENTRE_RADIUS", "SIZE_BANDS", "assignment_diagnostics"]
+__all__ = ["CENTRE_RADIUS", "assignment_diagnostics"]
 
 QUANTILES = (0.1, 0.5, 0.9)
 
-# (name, low, high): an object is in the band when low <= sqrt(w * h) < high, w and h the size
-# of its box in input pixels (COCO's area ranges, 32^2 and 96^2, on the box area).
-SIZE_BANDS: Tuple[Tuple[str, float, float], ...] = (
-    ("small", 0.0, 32.0),
-    ("medium", 32.0, 96.0),
-    ("large", 96.0, math.inf),
-)
 # In strides: the FCOS rule's centre-sampling radius, used by ``reg_top_centre_<band>``.
 CENTRE_RADIUS = 1.5
 
