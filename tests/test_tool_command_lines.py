@@ -32,6 +32,7 @@ READS_NO_DATA = {
 NO_CONFIG = {
     "tools/analysis/visualize.py curves",  # metrics.json of run folders
     "tools/analysis/visualize.py assignment-stats",  # metrics.json of run folders
+    "tools/analysis/visualize.py size-bands",  # metrics.json of run folders
     "tools/analysis/visualize.py schedule",  # a CSV of finished runs
 }
 OVERRIDES = ["SOLVER.BASE_LR", "0.5", "MODEL.MUSU.NUM_CLASSES", "3"]

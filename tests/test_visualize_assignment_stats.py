@@ -47,3 +47,32 @@ def test_run_without_statistics_is_named(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="fcos/metrics.json has no musu/members_mean"):
         visualize.main(["assignment-stats", "--out", str(tmp_path / "x.png"),
                         "--run", "FCOS", str(tmp_path / "fcos")])  # fmt: skip
+
+
+def test_size_bands_figure(tmp_path: Path) -> None:
+    """The band scalars of assignment_diagnostics (two bands logged) give a PNG; a run without
+    them is named."""
+    run = tmp_path / "musu"
+    run.mkdir()
+    lines = []
+    for iteration in (19, 39):
+        entry = {"iteration": iteration}
+        for band in ("small", "medium"):
+            for prefix in ("musu", "musu_shadow"):
+                entry.update({f"{prefix}/objects_{band}": 4.0, f"{prefix}/members_mean_{band}": 9.0,
+                              f"{prefix}/reg_weight_per_object_{band}": 2.0,
+                              f"{prefix}/member_iou_{band}": 0.5})  # fmt: skip
+            entry.update({f"musu/reg_top_iou_{band}": 0.7, f"musu/reg_top_centre_{band}": 0.9,
+                          f"musu/reg_top_offset_{band}": 0.2,
+                          f"musu/members_share_s8_{band}": 0.6,
+                          f"musu/members_share_s16_{band}": 0.4})  # fmt: skip
+        lines.append(json.dumps(entry))
+    (run / "metrics.json").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "bands.png"
+    visualize.main(["size-bands", "--out", str(out), "--run", "MuSu", str(run)])
+    image = matplotlib.image.imread(out)
+    assert image.shape[1] > image.shape[0] / 2 and image.std() > 0
+    _write_run(tmp_path / "old", with_stats=True)
+    with pytest.raises(SystemExit, match="old/metrics.json has no musu/objects_<band>"):
+        visualize.main(["size-bands", "--out", str(tmp_path / "x.png"),
+                        "--run", "old", str(tmp_path / "old")])  # fmt: skip

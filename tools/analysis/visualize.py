@@ -16,6 +16,8 @@
     # shadow rule's musu_shadow/*), one column per run
     python tools/analysis/visualize.py assignment-stats --out stats.png \\
         --run A RUN_DIR_A --run B RUN_DIR_B
+    # The same per size band of the objects: one column per band, runs overlaid
+    python tools/analysis/visualize.py size-bands --out bands.png --run A RUN_DIR_A
     # Schedule curve: final AP and AP75 against schedule length, one panel per dataset, from a
     # CSV of runs (columns dataset, method, iterations, seed, AP, AP75; further columns ignored)
     python tools/analysis/visualize.py schedule --out schedule.png \\
@@ -62,6 +64,7 @@ from musu.model_zoo import load_model  # noqa: E402
 from musu.modeling import MuSu, MuSuHead  # noqa: E402
 from musu.modeling.head import initial_anchor_shapes  # noqa: E402
 from musu.modeling.meta_arch import anchor_points, decode_boxes  # noqa: E402
+from musu.size_bands import SIZE_BANDS  # noqa: E402
 
 # ----------------------------------------------------------------------------- data + model
 
@@ -413,6 +416,59 @@ def figure_assignment_stats(args) -> None:
     print(f"wrote {args.out}")
 
 
+# (row label, [(key without prefix and band, prefix, line label)]) of the size-band figure.
+BAND_PANELS = (
+    ("members per object", [("members_mean", "musu", "bag"), ("members_mean", "musu_shadow",
+                                                                "FCOS rule")]),
+    ("reg weight per object", [("reg_weight_per_object", "musu", "MuSu"),
+                               ("reg_weight_per_object", "musu_shadow", "FCOS rule")]),
+    ("IoU of predicted box", [("reg_top_iou", "musu", "MuSu reg rank 0"),
+                              ("member_iou", "musu", "MuSu bag mean"),
+                              ("member_iou", "musu_shadow", "FCOS rule positives")]),
+    ("rank-0 reg sample", [("reg_top_centre", "musu", "share within 1.5 strides of centre"),
+                           ("reg_top_offset", "musu", "offset (0 centre, 1 edge)")]),
+)  # fmt: skip
+
+
+def figure_size_bands(args) -> None:
+    """One column per size band (``musu/<key>_<band>``), rows :data:`BAND_PANELS` and the share
+    of the band's members per FPN level; each run is a colour, the shadow rule dashed."""
+    rows = len(BAND_PANELS) + 1
+    fig, axes = plt.subplots(rows, len(SIZE_BANDS), figsize=(5 * len(SIZE_BANDS), 3 * rows),
+                             squeeze=False, sharex=True)  # fmt: skip
+    runs = [(name, read_metrics_json(Path(d) / "metrics.json"), d) for name, d in args.run]
+    for name, entries, run_dir in runs:
+        if not any(k.startswith("musu/objects_") for e in entries for k in e):
+            raise SystemExit(f"{run_dir}/metrics.json has no musu/objects_<band>: no band scalars")
+    for column, (band, _, _) in enumerate(SIZE_BANDS):
+        axes[0, column].set_title(f"{band} objects")
+        for run_index, (name, entries, _) in enumerate(runs):
+            colour = f"C{run_index}"
+            for row, (label, lines) in enumerate(BAND_PANELS):
+                ax = axes[row, column]
+                for line_index, (key, prefix, line_label) in enumerate(lines):
+                    style = "--" if prefix == "musu_shadow" else ("-", ":", "-.")[line_index % 3]
+                    ax.plot(*_series(entries, f"{prefix}/{key}_{band}"), style, color=colour,
+                            label=f"{name}: {line_label}")  # fmt: skip
+                ax.set_ylabel(label)
+            ax = axes[-1, column]
+            head, tail = "musu/members_share_s", f"_{band}"
+            strides = sorted({float(k[len(head):-len(tail)]) for e in entries for k in e
+                              if k.startswith(head) and k.endswith(tail)})  # fmt: skip
+            for index, stride in enumerate(strides):
+                ax.plot(*_series(entries, f"{head}{stride:g}{tail}"), ("-", "--", ":", "-.")[index % 4],
+                        color=colour, label=f"{name}: stride {stride:g}")  # fmt: skip
+            ax.set_ylabel("share of bag members per level")
+            ax.set_xlabel("iteration")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=90)
+    print(f"wrote {args.out}")
+
+
 SCHEDULE_COLUMNS = ("dataset", "method", "iterations", "seed", "AP", "AP75")
 
 
@@ -508,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("assignment-stats", help="assignment statistics over training (musu/*)")
     p.add_argument("--run", nargs=2, action="append", required=True, metavar=("NAME", "DIR"))
     p.set_defaults(func=figure_assignment_stats)
+    p = sub.add_parser("size-bands", help="assignment statistics per object size band")
+    p.add_argument("--run", nargs=2, action="append", required=True, metavar=("NAME", "DIR"))
+    p.set_defaults(func=figure_size_bands)
     p = sub.add_parser("schedule", help="final AP / AP75 against schedule length (CSV of runs)")
     p.add_argument("--csv", required=True, help="columns: " + ", ".join(SCHEDULE_COLUMNS))
     p.set_defaults(func=figure_schedule)
