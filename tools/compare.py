@@ -20,7 +20,8 @@ How it runs (per config, one after the other):
    which ``tools/analysis/visualize.py curves`` plots as AP curves).
 2. Evaluation, in-process, on the config's ``DATASETS.TEST[0]`` (or ``--dataset``):
    pass 1 with the config's own inference settings: ``COCOEvaluator`` (AP...) and wall-clock
-   model time per image (batch 1, after ``--warmup`` images); pass 2 with NMS disabled
+   model time per image (batch 1, after ``--warmup`` images), AP50 / AP75 and the object count
+   per COCO size band (``musu.evaluation.evaluate_size_bands``); pass 2 with NMS disabled
    (``musu.evaluation.PRE_NMS_OPTS``): ``ConsistencyEvaluator`` on the pre-NMS candidates.
 3. Training s/iter: median of the ``time`` entries (Detectron2's per-iteration time, a
    20-iteration median) in the run's ``metrics.json``, skipping the first ``--skip-iters``.
@@ -72,11 +73,15 @@ COLUMNS = [
     ("APs", "APs", "{:.1f}"),
     ("APm", "APm", "{:.1f}"),
     ("APl", "APl", "{:.1f}"),
+    (("AP50-small", "AP75-small"), "AP50 / AP75 small", "{:.1f}"),
+    (("AP50-medium", "AP75-medium"), "AP50 / AP75 medium", "{:.1f}"),
+    (("AP50-large", "AP75-large"), "AP50 / AP75 large", "{:.1f}"),
+    (("objects-small", "objects-medium", "objects-large"), "objects s / m / l", "{}"),
     ("train_s_per_iter", "train s/iter", "{:.3f}"),
     ("infer_s_per_image", "infer s/img", "{:.4f}"),
     ("spearman", "rank corr (pre-NMS)", "{:.3f}"),
     ("top1", "top-1 = best IoU (pre-NMS)", "{:.3f}"),
-    ("top1_iou", "IoU of top-1 / best", "{}"),
+    (("top1_iou", "best_iou"), "IoU of top-1 / best", "{:.3f}"),
     ("num_evaluated", "objects (>=2 cand.)", "{}"),
 ]
 
@@ -165,19 +170,15 @@ def _format(value, fmt: str) -> str:
 
 
 def markdown_table(rows: Dict[str, Dict[str, float]]) -> str:
-    """One Markdown table: a row per method, the COLUMNS above."""
+    """One Markdown table: a row per method, the COLUMNS above (a tuple of keys: one cell,
+    their values joined by " / ")."""
     header = "| method | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
     for name, row in rows.items():
         cells = []
-        for key, _, fmt in COLUMNS:
-            if key == "top1_iou":
-                cells.append(
-                    f"{_format(row.get('top1_iou', float('nan')), '{:.3f}')} / "
-                    f"{_format(row.get('best_iou', float('nan')), '{:.3f}')}"
-                )
-            else:
-                cells.append(_format(row.get(key, float("nan")), fmt))
+        for keys, _, fmt in COLUMNS:
+            keys = keys if isinstance(keys, tuple) else (keys,)
+            cells.append(" / ".join(_format(row.get(k, float("nan")), fmt) for k in keys))
         label = f"{name} (diverged)" if row.get("diverged") else name
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,7 +1,9 @@
 """Metrics beyond COCO AP: score/IoU consistency of dense detectors (paper Fig. 1 claim),
 error analysis of COCO results (confusion matrix with background, precision/recall, PR curves
-from pycocotools' COCOeval) and :func:`evaluate_checkpoint` (COCO AP, inference time and
-consistency of one checkpoint, as ``tools/compare.py`` tabulates it)."""
+from pycocotools' COCOeval), AP / AP50 / AP75 and object counts per COCO size band
+(:func:`size_band_metrics`, :func:`evaluate_size_bands`) and :func:`evaluate_checkpoint` (COCO
+AP, per-band AP, inference time and consistency of one checkpoint, as ``tools/compare.py``
+tabulates it)."""
 
 from .checkpoint_eval import evaluate_checkpoint
 from .consistency import (
@@ -24,6 +26,7 @@ from .errors import (
     pr_curves,
     precision_recall,
 )
+from .size_bands import SIZE_BANDS, evaluate_size_bands, size_band_metrics
 
 __all__ = [
     "ClassCurve",
@@ -43,4 +46,7 @@ __all__ = [
     "rankdata",
     "spearman",
     "summarize_consistency",
+    "SIZE_BANDS",
+    "evaluate_size_bands",
+    "size_band_metrics",
 ]

@@ -1,5 +1,6 @@
 """One call that evaluates a checkpoint the way ``tools/compare.py`` tabulates it: COCO AP,
-inference time per image and score/IoU consistency before and after NMS.
+AP / AP50 / AP75 per size band, inference time per image and score/IoU consistency before and
+after NMS.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..engine.amp import autocast_context, resolve_autocast
 from ..model_zoo import load_model
 from ..modeling import DenseDetectorWithTTA
 from .consistency import PRE_NMS_OPTS, ConsistencyEvaluator
+from .size_bands import evaluate_size_bands
 
 __all__ = ["evaluate_checkpoint"]
 
@@ -52,14 +54,17 @@ def evaluate_checkpoint(
 ) -> Dict[str, float]:
     """Evaluate ``checkpoint`` with ``config_file`` and ``opts`` on ``DATASETS.TEST[0]``, in
     this process, in two passes: the config's own inference settings (``COCOEvaluator``'s
-    ``bbox`` metrics, ``infer_s_per_image``: forward wall time per image after ``warmup``
-    images, and ``post_nms_*`` consistency), then NMS disabled (:data:`PRE_NMS_OPTS`: the
-    pre-NMS consistency of :class:`ConsistencyEvaluator`). ``TEST.AMP`` applies as in training.
+    ``bbox`` metrics; ``AP-small``, ``AP50-small``, ``AP75-small``, ``objects-small`` and the
+    same for medium and large: :func:`musu.evaluation.evaluate_size_bands` of its detections;
+    ``infer_s_per_image``: forward wall time per image after ``warmup`` images; ``post_nms_*``
+    consistency), then NMS disabled (:data:`PRE_NMS_OPTS`: the pre-NMS consistency of
+    :class:`ConsistencyEvaluator`). ``TEST.AMP`` applies as in training.
     ``max_images > 0`` evaluates only the first images. ``model_context(model)``, when given, is
     entered around each pass with that pass's model. Returns one flat row (``dataset`` names
     the data). With ``TEST.AUG.ENABLED`` the first pass runs under test-time augmentation
-    (:class:`musu.modeling.DenseDetectorWithTTA`: AP and time per image with it); the pre-NMS
-    pass ranks the plain model's candidates."""
+    (:class:`musu.modeling.DenseDetectorWithTTA`: AP, per-band AP and time per image with it);
+    the pre-NMS pass ranks the plain model's candidates. ``max_images`` keeps COCOEvaluator's
+    convention: AP over all images of the dataset, those not run count as missed objects."""
     context = model_context or (lambda model: contextlib.nullcontext())
     cfg = build_config(config_file, opts)
     dataset = cfg.DATASETS.TEST[0]
@@ -68,12 +73,17 @@ def evaluate_checkpoint(
         loader = _Limited(loader, max_images)
     model = load_model(cfg, checkpoint)
     timed = _TimedModel(DenseDetectorWithTTA(cfg, model) if cfg.TEST.AUG.ENABLED else model, warmup)
-    coco = COCOEvaluator(dataset, output_dir=str(output_dir / "inference"))
+    detections = output_dir / "inference" / "coco_instances_results.json"
+    detections.unlink(missing_ok=True)  # COCOEvaluator writes this pass's detections there
+    coco = COCOEvaluator(dataset, output_dir=str(detections.parent))
     post_nms = ConsistencyEvaluator(dataset)
     precision = resolve_autocast(cfg, training=False)  # TEST.AMP, as train_net.py evaluates
     with autocast_context(precision), context(model):
         results = inference_on_dataset(timed, loader, DatasetEvaluators([coco, post_nms]))
     row: Dict[str, float] = dict(results.get("bbox", {}))
+    if not detections.is_file():
+        raise RuntimeError(f"COCOEvaluator wrote no {detections} (no image of {dataset} evaluated)")
+    row.update(evaluate_size_bands(dataset, detections))
     row["infer_s_per_image"] = timed.seconds / timed.images if timed.images else float("nan")
     row.update({f"post_nms_{k}": v for k, v in results["consistency"].items()})
 
