@@ -123,7 +123,7 @@ def test_size_band_splits_hold_objects_of_their_band(tmp_path):
     """Longer sides stay in the band's range (stars stretch up to 1.25x along x); the bands are
     ordered, and a split generated without max_object_size keeps its manifest valid."""
     sides = {}
-    for band, (low, high) in synthetic.SIZE_BANDS.items():
+    for band, (low, high) in synthetic.BAND_LONGER_SIDES.items():
         split = synthetic.ensure_split(
             band, tmp_path, num_images=12, seed=3, min_object_size=low, max_object_size=high
         )
@@ -140,7 +140,7 @@ def test_size_band_splits_hold_objects_of_their_band(tmp_path):
 
 
 def test_size_band_configs_and_registration():
-    for band, (low, high) in synthetic.SIZE_BANDS.items():
+    for band, (low, high) in synthetic.BAND_LONGER_SIDES.items():
         for split, images in (("train", 800), ("val", 100)):
             config = synthetic.SPLITS[f"{band}_{split}"]
             assert (config.min_object_size, config.max_object_size) == (low, high)

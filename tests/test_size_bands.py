@@ -157,3 +157,19 @@ def test_objects_without_area_are_refused(tmp_path: Path) -> None:
     name = _register(tmp_path, "size_bands_no_area", gt)
     with pytest.raises(ValueError, match="no 'area'"):
         evaluate_size_bands(name, DETECTIONS[:1])
+
+
+def test_img_ids_restrict_the_evaluation_to_the_images_run(tmp_path: Path) -> None:
+    """A second image holds an undetected large object: over both images the large band scores
+    0, over image 1 alone (what ``evaluate_checkpoint(max_images=1)`` runs) it has no object."""
+    gt = _gt([SMALL, MEDIUM])
+    gt["images"].append({"id": 2, "width": 320, "height": 320, "file_name": "b.png"})
+    gt["annotations"].append(
+        {"id": 9, "image_id": 2, "category_id": 7, "bbox": LARGE, "iscrowd": 0, "area": 1e4}
+    )
+    name = _register(tmp_path, "size_bands_two_images", gt)
+    both = evaluate_size_bands(name, DETECTIONS)
+    first = evaluate_size_bands(name, DETECTIONS, img_ids=[1])
+    assert both["AP-large"] == 0.0 and both["objects-large"] == 1
+    assert math.isnan(first["AP-large"]) and first["objects-large"] == 0
+    assert first["AP-small"] == pytest.approx(both["AP-small"]) == pytest.approx(100.0)

@@ -33,7 +33,7 @@ __all__ = [
     "CLASSES",
     "GENERATOR_VERSION",
     "MIN_VISIBLE_FRACTION",
-    "SIZE_BANDS",
+    "BAND_LONGER_SIDES",
     "SPLITS",
     "SyntheticConfig",
     "SyntheticSplit",
@@ -89,7 +89,7 @@ class SyntheticConfig:
             )
 
 
-SIZE_BANDS: dict[str, tuple[int, int]] = {
+BAND_LONGER_SIDES: dict[str, tuple[int, int]] = {
     "small": (8, 32),
     "medium": (56, 100),
     "large": (168, 192),
@@ -105,7 +105,7 @@ SPLITS: dict[str, SyntheticConfig] = {
         f"{band}_{split}": SyntheticConfig(
             num_images=num_images, seed=seed, min_object_size=low, max_object_size=high
         )
-        for offset, (band, (low, high)) in enumerate(SIZE_BANDS.items())
+        for offset, (band, (low, high)) in enumerate(BAND_LONGER_SIDES.items())
         for split, num_images, seed in (
             ("train", 800, 20210911 + offset),
             ("val", 100, 20210921 + offset),
@@ -113,7 +113,7 @@ SPLITS: dict[str, SyntheticConfig] = {
     },
 }
 """Configurations of the built-in splits (``musu_synthetic_train`` / ``_val``, and
-``musu_synthetic_<band>_train`` / ``_val`` for each band of :data:`SIZE_BANDS`: the same
+``musu_synthetic_<band>_train`` / ``_val`` for each band of :data:`BAND_LONGER_SIDES`: the same
 classes and image counts, objects of one size band)."""
 
 

@@ -26,7 +26,7 @@ from .errors import (
     pr_curves,
     precision_recall,
 )
-from .size_bands import SIZE_BANDS, evaluate_size_bands, size_band_metrics
+from .size_bands import evaluate_size_bands, size_band_metrics
 
 __all__ = [
     "ClassCurve",
@@ -46,7 +46,6 @@ __all__ = [
     "rankdata",
     "spearman",
     "summarize_consistency",
-    "SIZE_BANDS",
     "evaluate_size_bands",
     "size_band_metrics",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Callable, ContextManager, Dict, Optional, Sequence
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence
 
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, inference_on_dataset
@@ -63,8 +63,8 @@ def evaluate_checkpoint(
     entered around each pass with that pass's model. Returns one flat row (``dataset`` names
     the data). With ``TEST.AUG.ENABLED`` the first pass runs under test-time augmentation
     (:class:`musu.modeling.DenseDetectorWithTTA`: AP, per-band AP and time per image with it);
-    the pre-NMS pass ranks the plain model's candidates. ``max_images`` keeps COCOEvaluator's
-    convention: AP over all images of the dataset, those not run count as missed objects."""
+    the pre-NMS pass ranks the plain model's candidates. With ``max_images`` the COCO metrics
+    cover the images run, as if the dataset held only those."""
     context = model_context or (lambda model: contextlib.nullcontext())
     cfg = build_config(config_file, opts)
     dataset = cfg.DATASETS.TEST[0]
@@ -75,7 +75,8 @@ def evaluate_checkpoint(
     timed = _TimedModel(DenseDetectorWithTTA(cfg, model) if cfg.TEST.AUG.ENABLED else model, warmup)
     detections = output_dir / "inference" / "coco_instances_results.json"
     detections.unlink(missing_ok=True)  # COCOEvaluator writes this pass's detections there
-    coco = COCOEvaluator(dataset, output_dir=str(detections.parent))
+    evaluator_class = _RunImagesCOCOEvaluator if max_images > 0 else COCOEvaluator
+    coco = evaluator_class(dataset, output_dir=str(detections.parent))
     post_nms = ConsistencyEvaluator(dataset)
     precision = resolve_autocast(cfg, training=False)  # TEST.AMP, as train_net.py evaluates
     with autocast_context(precision), context(model):
@@ -83,7 +84,7 @@ def evaluate_checkpoint(
     row: Dict[str, float] = dict(results.get("bbox", {}))
     if not detections.is_file():
         raise RuntimeError(f"COCOEvaluator wrote no {detections} (no image of {dataset} evaluated)")
-    row.update(evaluate_size_bands(dataset, detections))
+    row.update(evaluate_size_bands(dataset, detections, img_ids=getattr(coco, "image_ids", None)))
     row["infer_s_per_image"] = timed.seconds / timed.images if timed.images else float("nan")
     row.update({f"post_nms_{k}": v for k, v in results["consistency"].items()})
 
@@ -97,6 +98,21 @@ def evaluate_checkpoint(
     row.update(pre["consistency"])
     row["dataset"] = dataset
     return row
+
+
+class _RunImagesCOCOEvaluator(COCOEvaluator):
+    """COCOEvaluator scoring only the images it processed (one process: ``max_images``)."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.image_ids: List[int] = []
+
+    def process(self, inputs, outputs) -> None:
+        super().process(inputs, outputs)
+        self.image_ids.extend(int(x["image_id"]) for x in inputs)
+
+    def evaluate(self, img_ids=None):
+        return super().evaluate(self.image_ids if img_ids is None else img_ids)
 
 
 class _Limited:

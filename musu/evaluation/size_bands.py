@@ -27,9 +27,11 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["SIZE_BANDS", "evaluate_size_bands", "size_band_metrics"]
+from ..size_bands import SIZE_BANDS
 
-SIZE_BANDS = ("small", "medium", "large")
+__all__ = ["evaluate_size_bands", "size_band_metrics"]
+
+BAND_NAMES = tuple(name for name, _, _ in SIZE_BANDS)  # COCOeval's areaRngLbl after "all"
 _MAX_DETS = 100
 
 
@@ -47,10 +49,11 @@ def _mean_valid(precision: np.ndarray) -> float:
 
 
 def size_band_metrics(evaluation) -> Dict[str, float]:
-    """Per size band ``b`` in :data:`SIZE_BANDS`: ``AP-b`` (IoU 0.50:0.95), ``AP50-b``,
-    ``AP75-b`` in percent, from ``evaluation.eval["precision"]`` (shape [T, R, K, A, M]) at
-    ``maxDets`` 100, averaged over entries > -1 exactly as ``COCOeval.summarize`` averages (so
-    ``AP-small`` equals its ``APs``); NaN for a band without ground-truth objects. Also
+    """Per size band ``b`` of :data:`musu.size_bands.SIZE_BANDS`: ``AP-b`` (IoU 0.50:0.95),
+    ``AP50-b``, ``AP75-b`` in percent, from ``evaluation.eval["precision"]`` (shape
+    [T, R, K, A, M]) at ``maxDets`` 100, averaged over entries > -1 exactly as
+    ``COCOeval.summarize`` averages (so ``AP-small`` equals its ``APs``); NaN for a band without
+    ground-truth objects. Also
     ``objects-b``: the non-crowd ground-truth objects of the evaluated images and categories
     whose ``area`` lies in the band (ends included, ``COCOeval``'s test). ``evaluation`` is a
     pycocotools ``COCOeval`` (or Detectron2's ``COCOeval_opt``) after ``evaluate()`` and
@@ -70,7 +73,7 @@ def size_band_metrics(evaluation) -> Dict[str, float]:
         )
     )
     metrics: Dict[str, float] = {}
-    for band in SIZE_BANDS:
+    for band in BAND_NAMES:
         if band not in labels:
             raise ValueError(f"COCOeval params.areaRngLbl {labels} lack {band!r}")
         a = labels.index(band)
@@ -104,11 +107,13 @@ def evaluate_size_bands(
     dataset_name: str,
     predictions: Union[str, os.PathLike, List[dict]],
     cache_dir: Optional[str] = None,
+    img_ids: Optional[Sequence[int]] = None,
 ) -> Dict[str, float]:
     """:func:`size_band_metrics` of COCO-format ``bbox`` detections (``image_id``,
     ``category_id`` in the dataset's ids, ``bbox`` XYWH, ``score``: a list, or the path of a JSON
     file such as ``COCOEvaluator``'s ``coco_instances_results.json``) against the ground truth
-    of the registered Detectron2 dataset ``dataset_name``, on all its images and categories with
+    of the registered Detectron2 dataset ``dataset_name``, on all its categories and its images
+    (only ``img_ids`` when given), with
     ``maxDets`` 1/10/100 (``COCOEvaluator``'s defaults, so ``AP-b`` equals its ``APs/APm/APl``).
     Without detections AP is 0 in every band that has objects. ``ValueError`` naming the file or
     dataset for detections of unknown images or categories, or objects without ``area``."""
@@ -146,6 +151,8 @@ def evaluate_size_bands(
             coco_dt = coco_gt.loadRes(copy.deepcopy(predictions))  # loadRes edits its input
     evaluation = COCOeval(coco_gt, coco_dt, "bbox")
     evaluation.params.maxDets = [1, 10, _MAX_DETS]
+    if img_ids is not None:
+        evaluation.params.imgIds = sorted(set(img_ids))
     with contextlib.redirect_stdout(io.StringIO()):
         evaluation.evaluate()
         evaluation.accumulate()
