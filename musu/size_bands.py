@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 from typing import Tuple
 
-__all__ = ["SIZE_BANDS", "size_band"]
+import torch
+from torch import Tensor
+
+__all__ = ["SIZE_BANDS", "box_size_bands"]
 
 SIZE_BANDS: Tuple[Tuple[str, float, float], ...] = (
     ("small", 0.0, 32.0),
@@ -19,9 +22,10 @@ SIZE_BANDS: Tuple[Tuple[str, float, float], ...] = (
 """(name, lowest side, side bound) per band; a band holds sides in [lowest, bound)."""
 
 
-def size_band(side: float) -> str:
-    """The name of the band of an object whose box side ``sqrt(w * h)`` is ``side`` (>= 0)."""
-    for name, low, high in SIZE_BANDS:
-        if low <= side < high:
-            return name
-    raise ValueError(f"size_band: side must be a finite number >= 0, got {side!r}")
+def box_size_bands(boxes: Tensor) -> Tensor:
+    """(M,) long index into :data:`SIZE_BANDS` of each XYXY box of ``boxes`` (M, 4), from its
+    side sqrt(w * h) (an empty or inverted box has side 0: small)."""
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)
+    sides = (wh[:, 0] * wh[:, 1]).sqrt()
+    bounds = torch.tensor([low for _, low, _ in SIZE_BANDS[1:]], dtype=sides.dtype)
+    return torch.bucketize(sides, bounds.to(sides.device), right=True)

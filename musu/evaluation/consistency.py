@@ -46,7 +46,7 @@ from detectron2.utils import comm
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from ..size_bands import SIZE_BANDS, size_band
+from ..size_bands import SIZE_BANDS, box_size_bands
 
 __all__ = [
     "ConsistencyEvaluator",
@@ -115,8 +115,8 @@ def object_consistency(
     Returns:
         M dicts: ``num_overlap``, ``num_iou50`` (same class, IoU >= 0.5), ``spearman`` (nan
         unless defined), ``top1`` (1/0, nan if < 2 overlapping), ``top1_iou``, ``best_iou``,
-        ``top1_score`` (nan if none overlapping), and ``band`` (:func:`musu.size_bands.size_band`
-        of the object's box side).
+        ``top1_score`` (nan if none overlapping), and ``band`` (the name of the object's size
+        band, :func:`musu.size_bands.box_size_bands`).
     """
     num_gt = len(gt_boxes)
     if num_gt == 0:
@@ -130,13 +130,12 @@ def object_consistency(
     scores = pred_scores.double().cpu().numpy()
     iou_np, overlap_np = iou.cpu().numpy(), overlap.cpu().numpy()
     near = (same_class & (iou >= 0.5)).sum(dim=1).tolist()  # (M,)
-    wh = (gt_boxes[:, 2:] - gt_boxes[:, :2]).double().clamp(min=0)
-    sides = (wh[:, 0] * wh[:, 1]).sqrt().tolist()  # (M,)
+    bands = [SIZE_BANDS[b][0] for b in box_size_bands(gt_boxes.double()).tolist()]  # (M,)
     records = []
     for j in range(num_gt):
         idx = np.flatnonzero(overlap_np[j])
         record = {
-            "band": size_band(sides[j]),
+            "band": bands[j],
             "num_overlap": float(len(idx)),
             "num_iou50": float(near[j]),
             "spearman": float("nan"),

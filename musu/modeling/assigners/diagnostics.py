@@ -19,7 +19,7 @@ from typing import Dict, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ...size_bands import SIZE_BANDS
+from ...size_bands import SIZE_BANDS, box_size_bands
 from .base import Anchors, Assignment, pad_ground_truth
 from .geometry import matched_box_iou
 
@@ -29,13 +29,6 @@ QUANTILES = (0.1, 0.5, 0.9)
 
 # In strides: the FCOS rule's centre-sampling radius, used by ``reg_top_centre_<band>``.
 CENTRE_RADIUS = 1.5
-
-
-def _size_band(boxes: Tensor) -> Tensor:
-    """(M,) long index into :data:`SIZE_BANDS` of each XYXY box of ``boxes`` (M, 4)."""
-    size = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
-    bounds = torch.tensor([low for _, low, _ in SIZE_BANDS[1:]], dtype=boxes.dtype)
-    return torch.bucketize(size.sqrt(), bounds.to(boxes.device), right=True)
 
 
 def _members(index: Tensor, max_objects: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -190,7 +183,7 @@ def _size_band_diagnostics(
     num_groups = len(boxes)
     max_objects = num_groups // pred_boxes.shape[0]
     device = boxes.device
-    band = _size_band(boxes)  # (N * M_max,)
+    band = box_size_bands(boxes)  # (N * M_max,)
     member_band = band[key]  # (K,)
     objects = torch.bincount(band[has_members], minlength=num_bands).double()  # (B,)
     members = torch.bincount(member_band, minlength=num_bands).double()  # (B,)
