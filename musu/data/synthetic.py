@@ -30,10 +30,10 @@ from typing import Any, Iterator, NamedTuple
 from .shapes import CLASSES, MIN_VISIBLE_FRACTION, render_image
 
 __all__ = [
+    "BAND_LONGER_SIDES",
     "CLASSES",
     "GENERATOR_VERSION",
     "MIN_VISIBLE_FRACTION",
-    "BAND_LONGER_SIDES",
     "SPLITS",
     "SyntheticConfig",
     "SyntheticSplit",
