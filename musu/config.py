@@ -111,10 +111,6 @@ def add_musu_config(cfg: CN) -> None:
     _C.MODEL.MUSU.TAU_RATIO = 2.0
     # Soft weights w = exp(-R / tau) (Eq. 4) if True, else hard weights w = [R < tau].
     _C.MODEL.MUSU.SOFT_WEIGHTS = True
-    # Not in the paper, opt-in, not yet measured: keep each candidate bag on one FPN level, that
-    # of its member of largest P. Large objects' bags stay split across two levels, where their
-    # within-object score ranking falls (docs/study/size_bands.md); False: the paper's bags.
-    _C.MODEL.MUSU.BAG_SINGLE_LEVEL = False
 
     # --- Losses (Eqs. 7-8) ---
     # beta, the decay of the penalty term (1 - w)**beta (Eq. 7).

@@ -34,8 +34,6 @@ def test_musu_assigner_reads_its_keys() -> None:
     assert isinstance(assigner, MuSuAssigner)
     assert (assigner.theta, assigner.temperature, assigner.criterion) == (2.0, None, "iou")
     assert build_assigner(_cfg(TEMPERATURE=3.0)).temperature == 3.0
-    assert not assigner.single_level  # the paper's bags by default
-    assert build_assigner(_cfg(BAG_SINGLE_LEVEL=True)).single_level
 
 
 def test_training_assigner_switches_only_with_warmup_iterations() -> None:

@@ -823,37 +823,3 @@ def test_mismatched_shapes(field: str, bad: Any) -> None:
     inputs[field] = bad
     with pytest.raises(ValueError):
         make_assigner()(AnchorList(inputs["points"]), *(inputs[k] for k in order[1:]))
-
-
-@pytest.mark.parametrize(
-    "p, kept",
-    [
-        ([0.5, 0.6, 0.9, 0.8], [2, 3]),  # largest P (a2) on stride 16: a0, a1 (stride 8) leave
-        ([0.9, 0.6, 0.9, 0.8], [0, 1]),  # a tie between levels goes to the lower anchor (a0)
-    ],
-)
-def test_single_level_bags_keep_the_level_of_the_largest_p(p: List[float], kept: List[int]) -> None:
-    """Option ``single_level`` (not in the paper): every prediction equals the box (q = 1), so
-    P = p and all four anchors pass the paper's threshold; the bag keeps the two on the level
-    of its member of largest P, ranked by p there."""
-    from musu.modeling.assigners import MuSuAssigner
-
-    box = [0.0, 0.0, 40.0, 40.0]
-    points = torch.tensor([[10.0, 10.0], [20.0, 20.0], [20.0, 20.0], [30.0, 30.0]])
-    grid = AnchorList(points=points, strides=torch.tensor([8.0, 8.0, 16.0, 16.0]))
-    scores = torch.tensor(p)[None, :, None]  # (1, 4, 1)
-    pred_boxes = torch.tensor([box] * 4)[None]
-    args = (grid, scores, pred_boxes, [torch.tensor([box])], [torch.tensor([0])])
-
-    paper = MuSuAssigner(**DEFAULTS)(*args)
-    assert paper.gt_index.tolist() == [[0, 0, 0, 0]] and paper.stats["bag_size"].tolist() == [[4]]
-
-    result = MuSuAssigner(**DEFAULTS, single_level=True)(*args)
-    expected_index = [0 if a in kept else -1 for a in range(4)]
-    first, second = sorted(kept, key=lambda a: -p[a])  # rank 0, rank 1 by p
-    cls, reg = [0.0] * 4, [0.0] * 4
-    cls[first], cls[second], reg[first], reg[second] = 1.0, E1, 1.0, E2
-    assert result.gt_index.tolist() == [expected_index]
-    assert result.stats["bag_size"].tolist() == [[2]]
-    assert result.cls_weight[0].tolist() == pytest.approx(cls)
-    assert result.reg_weight[0].tolist() == pytest.approx(reg)

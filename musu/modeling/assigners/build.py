@@ -39,7 +39,6 @@ def build_musu_assigner(cfg) -> MuSuAssigner:
         temperature=musu.TEMPERATURE if musu.TEMPERATURE > 0 else None,
         soft=musu.SOFT_WEIGHTS,
         criterion=musu.CRITERION,
-        single_level=musu.BAG_SINGLE_LEVEL,
     )
 
 

@@ -89,12 +89,9 @@ def candidate_bags(
     classes: Tensor,
     theta: float,
     bag_threshold: float,
-    member_strides: Optional[Tensor] = None,
 ) -> Tuple[Members, Tensor, Tensor]:
     """Step 3: P = p * IoU**theta (Eq. 1) and C_j = {P > bag_threshold * max P of the object}
     (Eq. 2; every member when max P is 0). scores (N, R, C); classes (N, M_max).
-    With ``member_strides`` (K,) (the stride of each member's anchor; not in the paper), a bag
-    also keeps only the members on the level of its first member of largest P.
     Returns the bag members and their float64 p and q = IoU**theta."""
     p64 = scores[members.image, members.anchor, classes[members.image, members.obj]].double()
     q64 = iou64.pow(theta)
@@ -103,13 +100,6 @@ def candidate_bags(
     max_joint.scatter_reduce_(0, members.key, joint, reduce="amax")
     bag_max = max_joint[members.key].to(torch.float64)
     in_bag = (joint.to(torch.float64) > bag_threshold * bag_max) | (bag_max == 0)
-    if member_strides is not None:
-        # Members are in (image, object, anchor) order: the first one reaching max P per object.
-        position = torch.arange(len(joint), device=joint.device)
-        first = torch.full((classes.numel(),), len(joint), device=joint.device)
-        is_max = joint == max_joint[members.key]
-        first.scatter_reduce_(0, members.key[is_max], position[is_max], reduce="amin")
-        in_bag &= member_strides == member_strides[first[members.key]]
     keep = in_bag.nonzero().squeeze(1)
     return members.select(keep), p64.index_select(0, keep), q64.index_select(0, keep)
 
@@ -188,7 +178,6 @@ class MuSuAssigner:
         temperature: Optional[float] = None,
         soft: bool = True,
         criterion: str = "mutual",
-        single_level: bool = False,
     ) -> None:
         """
         Args:
@@ -202,8 +191,6 @@ class MuSuAssigner:
             soft: weights exp(-rank / tau) (Eq. 4); False: 1 for rank < tau, else 0.
             criterion: "mutual" (Eq. 3), or "cls" / "iou" to rank both heads' samples by p /
                 IoU**theta alone (the paper's Table 1 ablation).
-            single_level: keep each bag on one FPN level, that of its member of largest P (not
-                in the paper; the grid must give strides: ``Anchors.point_strides``).
 
         Raises ``ValueError`` naming the argument when a value is outside its range.
         """
@@ -224,13 +211,12 @@ class MuSuAssigner:
         self.temperature = None if temperature is None else float(temperature)
         self.soft = bool(soft)
         self.criterion = criterion
-        self.single_level = bool(single_level)
 
     def __repr__(self) -> str:
         return (
             f"MuSuAssigner(theta={self.theta}, bag_threshold={self.bag_threshold}, "
             f"alpha={self.alpha}, tau_ratio={self.tau_ratio}, temperature={self.temperature}, "
-            f"soft={self.soft}, criterion={self.criterion!r}, single_level={self.single_level})"
+            f"soft={self.soft}, criterion={self.criterion!r})"
         )
 
     @torch.no_grad()
@@ -263,9 +249,8 @@ class MuSuAssigner:
             return result
         members, iou64 = best_object_per_anchor(pairs, pred_boxes, boxes)
         del pairs
-        strides = grid.point_strides(device)[members.anchor] if self.single_level else None
         members, p64, q64 = candidate_bags(
-            members, iou64, scores, classes, self.theta, self.bag_threshold, strides
+            members, iou64, scores, classes, self.theta, self.bag_threshold
         )
         rank_cls, rank_reg = rank_in_bags(members.key, p64, q64, self.criterion, self.alpha)
         w_cls, w_reg, counts, tau_per_object = bag_weights(
