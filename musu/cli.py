@@ -28,12 +28,14 @@ from .data.cli import add_register_coco_argument
 __all__ = [
     "add_opts_alias",
     "add_opts_argument",
+    "add_threads_argument",
     "add_tool_arguments",
     "non_negative_int",
     "output_folder",
     "parse_tool_args",
     "positive_int",
     "probability",
+    "set_torch_threads",
     "tool_argument_parser",
     "train_argument_parser",
 ]
@@ -65,6 +67,25 @@ def add_opts_alias(parser: argparse.ArgumentParser) -> None:
         metavar="KEY VALUE",
         help="the same overrides, spelled as Detectron2's demo.py does (last option)",
     )
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--threads`` (torch threads for a benchmark; default 1, 0: torch's default), read by
+    :func:`set_torch_threads`."""
+    parser.add_argument(
+        "--threads",
+        type=non_negative_int,
+        default=1,
+        help="torch threads (0: torch default); see README",
+    )
+
+
+def set_torch_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` when ``threads`` > 0; 0 keeps torch's default."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def tool_argument_parser(

@@ -58,7 +58,14 @@ from detectron2.structures import Boxes, Instances
 from torch import Tensor
 
 import musu
-from musu.cli import non_negative_int, parse_tool_args, positive_int, tool_argument_parser
+from musu.cli import (
+    add_threads_argument,
+    non_negative_int,
+    parse_tool_args,
+    positive_int,
+    set_torch_threads,
+    tool_argument_parser,
+)
 from musu.modeling.assigners import AnchorGrid, AnchorList, MuSuAssigner
 from musu.modeling.assigners.build import build_musu_assigner
 from musu.modeling.assigners.musu import STEPS
@@ -339,12 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--warmup", type=non_negative_int, default=1)
     parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument(
-        "--threads",
-        type=non_negative_int,
-        default=1,
-        help="torch threads (0: torch default); see README",
-    )
+    add_threads_argument(parser)
     parser.add_argument(
         "--pairs",
         choices=["grid", "dense"],
@@ -406,8 +408,7 @@ def print_results(records: List[Dict[str, object]], args: argparse.Namespace, de
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     quiet_warnings()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     device = torch.device(args.device)
 
     assigner = build_musu_assigner(musu.build_config(args.config_file, args.opts))

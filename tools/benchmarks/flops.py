@@ -33,7 +33,13 @@ from detectron2.config import CfgNode
 from fvcore.nn import FlopCountAnalysis
 from torch import Tensor, nn
 
-from musu.cli import non_negative_int, parse_tool_args, positive_int, tool_argument_parser
+from musu.cli import (
+    add_threads_argument,
+    parse_tool_args,
+    positive_int,
+    set_torch_threads,
+    tool_argument_parser,
+)
 
 # The paper's Table 7 (R-50, 1333 x 800): (params in M, GFLOPs) per model.
 PAPER_TABLE_7 = {
@@ -85,9 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-anchors", type=positive_int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--height", type=positive_int, default=800)
     parser.add_argument("--width", type=positive_int, default=1333)
-    parser.add_argument(
-        "--threads", type=non_negative_int, default=1, help="torch threads (0: default)"
-    )
+    add_threads_argument(parser)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     return parser
 
@@ -154,8 +158,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     """Count both models, print the table, and write the rows as JSON if asked."""
     args = parse_tool_args(build_parser(), argv)
     quiet_warnings()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     cfg = load_config(args.config_file, "cpu", args.opts)
     cfg.MODEL.WEIGHTS = ""
     padded = [((side + 31) // 32) * 32 for side in (args.height, args.width)]

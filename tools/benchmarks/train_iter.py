@@ -64,10 +64,12 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from musu.cli import (
+    add_threads_argument,
     non_negative_int,
     parse_tool_args,
     positive_int,
     probability,
+    set_torch_threads,
     tool_argument_parser,
 )
 from musu.data.cli import register_coco_datasets
@@ -208,12 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--score-thresh", type=probability, default=0.0, help="test threshold of both"
     )
     parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument(
-        "--threads",
-        type=non_negative_int,
-        default=1,
-        help="torch threads (0: torch default); see README",
-    )
+    add_threads_argument(parser)
     parser.add_argument(
         "--weights",
         nargs=2,
@@ -317,8 +314,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.weights is not None and args.num_anchors != [1]:
         parser.error("--weights loads A = 1 checkpoints: pass --num-anchors 1")
     quiet_warnings()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     device = torch.device(args.device)
