@@ -147,6 +147,19 @@ def test_size_band_configs_and_registration():
             assert config.num_images == images and config.image_size == 256
             meta = MetadataCatalog.get(f"musu_synthetic_{band}_{split}")
             assert meta.thing_classes == list(synthetic.CLASSES)
+    medium = synthetic.BAND_LONGER_SIDES["medium"]
+    for split, images in (("train", 800), ("val", 100)):
+        config = synthetic.SPLITS[f"medium_sparse_{split}"]
+        assert (config.min_object_size, config.max_object_size) == medium
+        assert (
+            config.max_objects
+            == synthetic.SPARSE_MAX_OBJECTS
+            < synthetic.SPLITS["medium_train"].max_objects
+        )
+        assert config.num_images == images and config.image_size == 256
+        assert MetadataCatalog.get(f"musu_synthetic_medium_sparse_{split}").thing_classes == list(
+            synthetic.CLASSES
+        )
     seeds = [c.seed for c in synthetic.SPLITS.values()]
     assert len(set(seeds)) == len(seeds)  # no two built-in splits share images
 

@@ -5,7 +5,8 @@ Importing this module registers (names already registered are left alone):
 * ``musu_synthetic_train`` / ``musu_synthetic_val``: the built-in synthetic shapes
   (:mod:`musu.data.synthetic`), generated under ``$MUSU_CACHE_DIR`` on first use, and
   ``musu_synthetic_{small,medium,large}_{train,val}``: the same with objects of one size band
-  (:data:`musu.data.synthetic.BAND_LONGER_SIDES`).
+  (:data:`musu.data.synthetic.BAND_LONGER_SIDES`), and ``musu_synthetic_medium_sparse_*``:
+  medium objects, fewer per image (:data:`musu.data.synthetic.SPARSE_MAX_OBJECTS`).
 * ``bccd_train`` / ``bccd_val``: BCCD blood cells in COCO format under :func:`datasets_root`.
 * ``cards_train`` / ``cards_val``: playing cards (6 classes) in COCO format, same rule.
 

@@ -34,6 +34,7 @@ __all__ = [
     "CLASSES",
     "GENERATOR_VERSION",
     "MIN_VISIBLE_FRACTION",
+    "SPARSE_MAX_OBJECTS",
     "SPLITS",
     "SyntheticConfig",
     "SyntheticSplit",
@@ -98,6 +99,12 @@ BAND_LONGER_SIDES: dict[str, tuple[int, int]] = {
 ``<band>_val``: these put most objects in COCO's small (area < 32^2), medium (32^2-96^2) and
 large (> 96^2) bands; docs/study/size_bands.md measures the shares."""
 
+SPARSE_MAX_OBJECTS = 4
+"""``max_objects`` of the ``medium_sparse_*`` splits: medium objects (the ``medium`` band's sizes)
+at about 2.5 per image, the density of the ``large`` splits, whose large objects leave room
+for few (the ``medium`` splits hold 6.4 per image). With ``medium`` and ``large`` it separates
+object size from objects per image; docs/study/size_bands.md measures both."""
+
 SPLITS: dict[str, SyntheticConfig] = {
     "train": SyntheticConfig(num_images=800, seed=20210901),
     "val": SyntheticConfig(num_images=100, seed=20210902),
@@ -111,10 +118,21 @@ SPLITS: dict[str, SyntheticConfig] = {
             ("val", 100, 20210921 + offset),
         )
     },
+    **{
+        f"medium_sparse_{split}": SyntheticConfig(
+            num_images=num_images,
+            seed=seed,
+            max_objects=SPARSE_MAX_OBJECTS,
+            min_object_size=BAND_LONGER_SIDES["medium"][0],
+            max_object_size=BAND_LONGER_SIDES["medium"][1],
+        )
+        for split, num_images, seed in (("train", 800, 20210914), ("val", 100, 20210924))
+    },
 }
 """Configurations of the built-in splits (``musu_synthetic_train`` / ``_val``, and
 ``musu_synthetic_<band>_train`` / ``_val`` for each band of :data:`BAND_LONGER_SIDES`: the same
-classes and image counts, objects of one size band)."""
+classes and image counts, objects of one size band; ``musu_synthetic_medium_sparse_*``: medium
+objects, at most :data:`SPARSE_MAX_OBJECTS` per image)."""
 
 
 class SyntheticSplit(NamedTuple):
