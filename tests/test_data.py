@@ -134,6 +134,22 @@ def test_size_band_splits_hold_objects_of_their_band(tmp_path):
         assert np.median(sides[band]) >= 0.5 * low, band
     assert np.median(sides["small"]) < 32 < np.median(sides["medium"]) < 96
     assert np.median(sides["large"]) > 96
+    # The sparse split draws the medium band at most SPARSE_MAX_OBJECTS per image.
+    counts = {}
+    for name, max_objects in (("medium", 12), ("medium_sparse", synthetic.SPARSE_MAX_OBJECTS)):
+        split = synthetic.ensure_split(
+            name,
+            tmp_path,
+            num_images=12,
+            seed=3,
+            max_objects=max_objects,
+            min_object_size=synthetic.BAND_LONGER_SIDES["medium"][0],
+            max_object_size=synthetic.BAND_LONGER_SIDES["medium"][1],
+        )
+        ids = [a["image_id"] for a in _read(split)["annotations"]]
+        counts[name] = np.bincount(ids)[np.unique(ids)]
+    assert counts["medium_sparse"].max() <= synthetic.SPARSE_MAX_OBJECTS
+    assert counts["medium_sparse"].mean() < counts["medium"].mean()
     default = synthetic.SyntheticConfig(num_images=3, seed=1, image_size=128)
     manifest_params = synthetic._manifest_params("val", default)
     assert "max_object_size" not in manifest_params and manifest_params["min_object_size"] == 12

@@ -102,7 +102,7 @@ large (> 96^2) bands; docs/study/size_bands.md measures the shares."""
 SPARSE_MAX_OBJECTS = 4
 """``max_objects`` of the ``medium_sparse_*`` splits: medium objects (the ``medium`` band's sizes)
 at about 2.5 per image, the density of the ``large`` splits, whose large objects leave room
-for few (the ``medium`` splits hold 6.4 per image). With ``medium`` and ``large`` it separates
+for few (``medium_train`` holds 6.4 per image). With ``medium`` and ``large`` it separates
 object size from objects per image; docs/study/size_bands.md measures both."""
 
 SPLITS: dict[str, SyntheticConfig] = {
