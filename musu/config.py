@@ -23,6 +23,7 @@ from detectron2.config import get_cfg
 from fvcore.common.config import BASE_KEY
 
 __all__ = [
+    "CLS_LOSS_NORMALIZERS",
     "CRITERIA",
     "PROJECTS_ENTRY_POINT",
     "add_musu_config",
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 # Ranking criteria of the MuSu assigner (MODEL.MUSU.CRITERION): "mutual" (Eq. 3), "cls", "iou".
 CRITERIA = ("mutual", "cls", "iou")
+# What MODEL.MUSU.CLS_LOSS_NORMALIZER divides the classification loss by.
+CLS_LOSS_NORMALIZERS = ("weights", "members")
 
 # Entry-point group through which installed projects (projects/*) offer their add_*_config.
 PROJECTS_ENTRY_POINT = "musu.projects"
@@ -119,6 +122,10 @@ def add_musu_config(cfg: CN) -> None:
     _C.MODEL.MUSU.FOCAL_LOSS_ALPHA = 0.25
     # Focal loss focusing parameter gamma.
     _C.MODEL.MUSU.FOCAL_LOSS_GAMMA = 2.0
+    # What the classification loss is divided by: "weights", the summed cls weights (Eq. 5), or
+    # "members", the number of anchors with a classification target (the bags' members; not in
+    # the paper: the scale FCOS's rule gives a bag of that size; docs/study/size_bands.md, rule 4).
+    _C.MODEL.MUSU.CLS_LOSS_NORMALIZER = "weights"
     # Weight of the regression loss in L_det = L_cls + weight * L_reg (paper: 1).
     _C.MODEL.MUSU.REG_LOSS_WEIGHT = 1.0
 
@@ -263,6 +270,7 @@ def validate_musu_config(cfg: CN) -> None:
     for key in ("TEMPERATURE", "BETA", "FOCAL_LOSS_GAMMA", "REG_LOSS_WEIGHT"):
         check_number(musu, path, key, low=0.0)
     check_choice(musu, path, "CRITERION", CRITERIA)
+    check_choice(musu, path, "CLS_LOSS_NORMALIZER", CLS_LOSS_NORMALIZERS)
     check_number(musu, path, "TOPK_CANDIDATES_TEST", low=1, integer=True)
     check_number(musu, path, "WARMUP_ASSIGNER_ITERS", low=0, integer=True)
     if cfg.MODEL.LOAD_PROPOSALS:

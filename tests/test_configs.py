@@ -247,6 +247,7 @@ def test_paper_defaults() -> None:
         "BAG_THRESHOLD": 0.1,
         "ALPHA": 1 / 3,
         "CRITERION": "mutual",
+        "CLS_LOSS_NORMALIZER": "weights",  # Eq. 5
         "TEMPERATURE": 0.0,
         "TAU_RATIO": 2.0,
         "SOFT_WEIGHTS": True,
@@ -342,6 +343,7 @@ INVALID: List[Tuple[str, Any]] = [
     ("BAG_THRESHOLD", 1.0),
     ("NUM_ANCHORS", 0),
     ("CRITERION", "foo"),
+    ("CLS_LOSS_NORMALIZER", "positives"),
     ("THETA", 0.0),
     ("TAU_RATIO", 0.0),
     ("TEMPERATURE", -1.0),

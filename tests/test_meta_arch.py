@@ -430,6 +430,35 @@ def test_losses_recomputed_from_model_assignment(num_objects: Tuple[int, int]) -
     assert float(losses["loss_musu_cls"].detach()) < 1e3  # normalized: no blow-up without objects
 
 
+def test_cls_loss_normalizer_members() -> None:
+    """With MODEL.MUSU.CLS_LOSS_NORMALIZER "members" the same weights, batch and assignment give
+    the same regression loss, and the classification loss's sum (Eq. 7) is divided by the number
+    of anchors with a class target instead of by the summed cls weights."""
+    generator = torch.Generator().manual_seed(4)
+    batch = [random_input(n, 64, generator) for n in (3, 5)]
+    losses, assignments = {}, {}
+    for normalizer in ("weights", "members"):
+        model = build(synthetic_cfg(64, ["MODEL.MUSU.CLS_LOSS_NORMALIZER", normalizer]))
+        model.train()
+        recorder = _RecordingAssigner(model.assigner)
+        model.assigner = recorder
+        with EventStorage():
+            losses[normalizer] = model(batch)
+        assignments[normalizer] = recorder.calls[0]["out"]
+    assert torch.equal(assignments["weights"].gt_index, assignments["members"].gt_index)
+    assignment = assignments["weights"]
+    members = float((assignment.gt_index >= 0).sum())
+    weights = float(assignment.cls_weight.sum())
+    assert members > weights > 1.0  # soft weights lie in [0, 1], most below 1
+    torch.testing.assert_close(
+        losses["members"]["loss_musu_reg"], losses["weights"]["loss_musu_reg"]
+    )
+    cls_sum = losses["weights"]["loss_musu_cls"] * weights
+    torch.testing.assert_close(
+        losses["members"]["loss_musu_cls"], cls_sum / members, rtol=1e-5, atol=0
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Inference.
 # --------------------------------------------------------------------------------------------

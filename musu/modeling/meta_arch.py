@@ -28,7 +28,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
-from ..config import validate_musu_config
+from ..config import CLS_LOSS_NORMALIZERS, validate_musu_config
 from .assigners import (
     AnchorGrid,
     Assigner,
@@ -170,7 +170,8 @@ class MuSu(DenseDetector):
     """One-stage detector trained by Mutual Supervision (Gao et al., ICCV 2021).
 
     Training: the assigner sees detached merged scores and decoded boxes; classification loss is
-    Eq. 7 normalized by the sum of cls weights, regression loss is weighted GIoU normalized by the
+    Eq. 7 normalized by the sum of cls weights (or, opt-in, by the number of anchors with a cls
+    target), regression loss is weighted GIoU normalized by the
     sum of reg weights (both all-reduced across processes). Inference: score threshold, top-k per
     level, class-wise NMS, at most ``max_detections_per_image`` detections.
     """
@@ -189,6 +190,7 @@ class MuSu(DenseDetector):
         focal_loss_gamma: float = 2.0,
         beta: float = 4.0,
         reg_loss_weight: float = 1.0,
+        cls_loss_normalizer: str = "weights",
         test_score_thresh: float = 0.05,
         test_topk_candidates: int = 1000,
         test_nms_thresh: float = 0.6,
@@ -210,6 +212,9 @@ class MuSu(DenseDetector):
             focal_loss_alpha, focal_loss_gamma: the focal loss' alpha and gamma (Eq. 7).
             beta: exponent of the (1 - w) factor of the soft negative term of Eq. 7.
             reg_loss_weight: multiplier of the normalized GIoU loss.
+            cls_loss_normalizer: "weights": the classification loss is divided by the summed cls
+                weights (Eq. 5); "members": by the number of anchors with a classification
+                target that are not ignored (the bags' members).
             test_score_thresh: minimum merged score (class x objectness) kept at inference.
             test_topk_candidates: candidates kept per level before NMS.
             test_nms_thresh: IoU threshold of the class-wise NMS.
@@ -230,6 +235,12 @@ class MuSu(DenseDetector):
         self.focal_loss_gamma = focal_loss_gamma
         self.beta = beta
         self.reg_loss_weight = reg_loss_weight
+        if cls_loss_normalizer not in CLS_LOSS_NORMALIZERS:
+            raise ValueError(
+                f"cls_loss_normalizer (MODEL.MUSU.CLS_LOSS_NORMALIZER) must be one of "
+                f"{CLS_LOSS_NORMALIZERS}, got {cls_loss_normalizer!r}"
+            )
+        self.cls_loss_normalizer = cls_loss_normalizer
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
@@ -255,6 +266,7 @@ class MuSu(DenseDetector):
             "focal_loss_gamma": musu.FOCAL_LOSS_GAMMA,
             "beta": musu.BETA,
             "reg_loss_weight": musu.REG_LOSS_WEIGHT,
+            "cls_loss_normalizer": musu.CLS_LOSS_NORMALIZER,
             "test_score_thresh": musu.SCORE_THRESH_TEST,
             "test_topk_candidates": musu.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": musu.NMS_THRESH_TEST,
@@ -323,7 +335,9 @@ class MuSu(DenseDetector):
         gt_classes: List[Tensor],
         assignment: Assignment,
     ) -> Dict[str, Tensor]:
-        """Eq. 7 and weighted GIoU, each normalized by its summed weights (Eq. 5)."""
+        """Eq. 7 and weighted GIoU, each normalized by its summed weights (Eq. 5); with
+        ``cls_loss_normalizer == "members"`` Eq. 7 is divided instead by the number of anchors
+        with a classification target that are not ignored."""
         padded_boxes, padded_classes, _ = pad_ground_truth(
             gt_boxes, gt_classes, pred_boxes.dtype, pred_boxes.device
         )  # (N, M_max, 4), (N, M_max)
@@ -352,7 +366,11 @@ class MuSu(DenseDetector):
         loss_reg = weighted_giou_loss(
             pred_boxes[image_index, anchor_index], target_boxes, assignment.reg_weight[reg_mask]
         )
-        cls_normalizer = _reduce_mean_normalizer(assignment.cls_weight.sum())
+        if self.cls_loss_normalizer == "members":
+            members = assigned if assignment.ignore is None else assigned & ~assignment.ignore
+            cls_normalizer = _reduce_mean_normalizer(members.sum())
+        else:
+            cls_normalizer = _reduce_mean_normalizer(assignment.cls_weight.sum())
         reg_normalizer = _reduce_mean_normalizer(assignment.reg_weight.sum())
         return {
             "loss_musu_cls": loss_cls / cls_normalizer,
