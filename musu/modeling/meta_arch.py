@@ -171,9 +171,9 @@ class MuSu(DenseDetector):
 
     Training: the assigner sees detached merged scores and decoded boxes; classification loss is
     Eq. 7 normalized by the sum of cls weights (or, opt-in, by the number of anchors with a cls
-    target), regression loss is weighted GIoU normalized by the
-    sum of reg weights (both all-reduced across processes). Inference: score threshold, top-k per
-    level, class-wise NMS, at most ``max_detections_per_image`` detections.
+    target), regression loss is weighted GIoU normalized by the sum of reg weights (both
+    all-reduced across processes). Inference: score threshold, top-k per level, class-wise NMS,
+    at most ``max_detections_per_image`` detections.
     """
 
     @configurable
