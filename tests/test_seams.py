@@ -76,6 +76,7 @@ def test_regression_targets_follow_reg_gt_index() -> None:
     model.focal_loss_alpha, model.focal_loss_gamma, model.beta, model.reg_loss_weight = (
         0.25, 2.0, 4.0, 1.0,
     )  # fmt: skip
+    model.cls_loss_normalizer = "weights"
     logits = (torch.zeros(1, 1, 2), zeros)
     to_object_zero = model.losses(*logits, pred_boxes, gt_boxes, gt_classes, Assignment(**base))
     reg_to_one = Assignment(**base, reg_gt_index=torch.ones(1, 1, dtype=torch.long))
